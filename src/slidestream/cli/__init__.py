@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.verbose < 2:  # libvips repeats every decode error as a warning; ours is clearer
+        logging.getLogger("pyvips").setLevel(logging.ERROR)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,118 @@
+"""pyvips backend for TIFF-family pyramids (generic tiled TIFF, Aperio SVS, OME-TIFF).
+
+libvips decodes tiles through libtiff/libjpeg-turbo and ``Region.fetch`` returns raw bytes with
+almost no per-call overhead, which made it the fastest decoder measured here. Metadata (mpp,
+vendor, associated images, which TIFF page holds which level) comes from tiffslide/tifffile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slidestream.errors import BackendUnavailableError, SlideOpenError
+from slidestream.io.base import LevelLayout, Slide
+from slidestream.io.tiffslide import TiffSlideSlide
+
+__all__ = ["PyvipsSlide"]
+
+# TIFF compressions libvips' libtiff decodes: none, LZW, JPEG, deflate, packbits, zstd, webp.
+_SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32773, 32946, 50000, 50001}
+
+
+def _import() -> Any:
+    try:
+        import pyvips
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailableError(
+            f"pyvips is not usable ({exc}); install it with: pip install pyvips pyvips-binary"
+        ) from exc
+    return pyvips
+
+
+@dataclass
+class _Handle:
+    path: str
+    pages: list[tuple[int, int | None]]  # (page, subifd) of each level
+    regions: dict[int, tuple[Any, int]] = field(default_factory=dict)  # level -> (Region, bands)
+
+
+class PyvipsSlide(Slide):
+    backend = "pyvips"
+
+    def _open(self) -> Any:
+        _import()
+        return _Handle(str(self.path), _level_pages(self.path))
+
+    def _describe(self, handle: _Handle) -> LevelLayout:
+        with TiffSlideSlide(self.path) as ts:  # metadata parsing is tiffslide's job
+            meta = ts._layout
+        if len(meta.level_dimensions) != len(handle.pages):
+            raise SlideOpenError(f"pyvips: level layout of {self.path} is not a plain pyramid")
+        return LevelLayout(
+            meta.level_dimensions, meta.mpp, meta.vendor, meta.properties, meta.associated
+        )
+
+    def _region(self, handle: _Handle, level: int) -> Any:
+        region = handle.regions.get(level)
+        if region is None:
+            pyvips = _import()
+            page, subifd = handle.pages[level]
+            kwargs: dict[str, Any] = {
+                "page": page,
+                "access": "random",
+                "fail_on": "error",
+                "revalidate": True,
+            }
+            if subifd is not None:
+                kwargs["subifd"] = subifd
+            image = pyvips.Image.tiffload(handle.path, **kwargs)
+            if image.format != "uchar":
+                raise SlideOpenError(f"pyvips: {self.path} stores {image.format} pixels, not 8-bit")
+            region = handle.regions[level] = (pyvips.Region.new(image), image.bands)
+        return region
+
+    def _read_level(
+        self, handle: _Handle, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int
+    ) -> np.ndarray:
+        region, bands = self._region(handle, level)
+        try:
+            buf = region.fetch(lv_x, lv_y, lv_w, lv_h)
+        except Exception:
+            # libvips keeps failed tiles as black pixels: drop the image so a retry re-decodes
+            del handle.regions[level]
+            raise
+        return np.frombuffer(buf, np.uint8).reshape(lv_h, lv_w, bands)
+
+    def _read_associated(self, handle: _Handle, name: str) -> np.ndarray:
+        with TiffSlideSlide(self.path) as ts:
+            return ts._read_associated(ts._get_handle(), name)
+
+    def _close(self, handle: _Handle) -> None:
+        handle.regions.clear()
+
+
+def _level_pages(path: Any) -> list[tuple[int, int | None]]:
+    """TIFF (page, subifd) of each pyramid level, or SlideOpenError if pyvips can't read it."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            pages = []
+            for lvl in tf.series[0].levels:
+                page = lvl.keyframe
+                if not page.is_tiled:
+                    raise SlideOpenError(f"pyvips: {path} has an untiled level")
+                if int(page.compression) not in _SUPPORTED_COMPRESSION:
+                    raise SlideOpenError(
+                        f"pyvips: unsupported TIFF compression {int(page.compression)} in {path}"
+                    )
+                idx = page.index
+                pages.append((idx[0], idx[1]) if isinstance(idx, tuple) else (int(idx), None))
+            return pages
+    except SlideOpenError:
+        raise
+    except Exception as exc:
+        raise SlideOpenError(f"pyvips: cannot parse TIFF structure of {path}: {exc}") from exc
