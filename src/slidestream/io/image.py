@@ -5,6 +5,7 @@ They carry no trustworthy microns-per-pixel: give ``mpp=`` (``--mpp``) for mpp-b
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,19 +23,28 @@ class ImageSlide(Slide):
     backend = "image"
 
     def _open(self) -> Any:
-        try:
-            with Image.open(self.path) as img:
-                if img.width * img.height > _MAX_PIXELS:
-                    raise SlideOpenError(
-                        f"{self.path} is a {img.width}x{img.height} plain image, too large to "
-                        f"read whole; convert it to a tiled pyramidal TIFF (e.g. vips tiffsave "
-                        f"--tile --pyramid)"
-                    )
-                img.load()
-                mode = "RGBA" if ("A" in img.getbands() or "transparency" in img.info) else "RGB"
-                return np.asarray(img.convert(mode))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise SlideOpenError(f"Pillow cannot open {self.path} as an image: {exc}") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns about the odd TIFF tags of WSIs
+            try:
+                return self._load()
+            except (
+                UnidentifiedImageError,
+                OSError,
+                ValueError,
+                Image.DecompressionBombError,
+            ) as exc:
+                raise SlideOpenError(f"Pillow cannot open {self.path} as an image: {exc}") from exc
+
+    def _load(self) -> np.ndarray:
+        with Image.open(self.path) as img:
+            if img.width * img.height > _MAX_PIXELS:
+                raise SlideOpenError(
+                    f"{self.path} is a {img.width}x{img.height} plain image, too large to read "
+                    f"whole; convert it to a tiled pyramidal TIFF (vips tiffsave --tile --pyramid)"
+                )
+            img.load()
+            mode = "RGBA" if ("A" in img.getbands() or "transparency" in img.info) else "RGB"
+            return np.asarray(img.convert(mode))
 
     def _describe(self, handle: np.ndarray) -> LevelLayout:
         h, w = handle.shape[:2]
