@@ -36,6 +36,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep tissue-mask caches out of the user's home."""
+    os.environ["SLIDESTREAM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (or ``$SLIDESTREAM_TEST_DATA``); tests using it skip when absent."""
@@ -75,4 +81,8 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rgba[100:200, 100:300, :3] = 0  # transparent black must come out white
     Image.fromarray(rgba).save(d / "rgba.png")
     out["png"], out["rgba"] = d / "plain.png", d / "rgba.png"
+    out["small"] = write_synthetic_slide(d / "small.tiff", 1024, 768, mpp=0.5, seed=5)
+    out["tumour2"] = write_synthetic_slide(
+        d / "tumour2.tiff", 1024, 1024, mpp=0.5, seed=6, tumour=True
+    )
     return out

@@ -1,0 +1,168 @@
+"""Augmentations for pathology patches, as torchvision v2 transforms on (C, H, W) uint8 tensors.
+
+They compose with any torchvision v2 transform (``v2.Compose``, ``v2.RandomApply``,
+``v2.ElasticTransform``, ...). Patches stay uint8 through augmentation so workers hand the main
+process 4x fewer bytes than float32; convert and normalise on the device (see
+:func:`slidestream.data.functional.normalize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from skimage.color import hed_from_rgb, rgb_from_hed  # Ruifrok & Johnston stain vectors
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from slidestream.errors import ConfigError
+
+__all__ = ["RandomFlipRot90", "HEDJitter", "StainNormalize", "MultiView", "default_augmentation"]
+
+_LOG256 = float(np.log(256.0))
+
+
+class RandomFlipRot90(v2.Transform):
+    """One of the 8 symmetries of the square (flips and 90° rotations), exact on pixels."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"k": int(torch.randint(4, ())), "flip": bool(torch.randint(2, ()))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor):
+            return inpt
+        out = torch.rot90(inpt, params["k"], dims=(-2, -1))
+        return out.flip(-1) if params["flip"] else out
+
+
+class HEDJitter(v2.Transform):
+    """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al. 2018).
+
+    Each stain's optical density is scaled by ``U(1 - sigma, 1 + sigma)`` and shifted by
+    ``U(-bias, bias)``; the whole transform is one 3x3 matrix and offset in optical-density space,
+    applied in float32 (0.3 ms per 256² patch here, ~8x cheaper than skimage's float64 round trip).
+    """
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.05) -> None:
+        super().__init__()
+        if sigma < 0 or bias < 0:
+            raise ConfigError(f"sigma and bias must be >= 0, got {sigma}, {bias}")
+        self.sigma, self.bias = sigma, bias
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        alpha = 1.0 + (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.sigma
+        beta = (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.bias
+        to_hed, to_rgb = torch.from_numpy(hed_from_rgb), torch.from_numpy(rgb_from_hed)
+        matrix = to_hed @ torch.diag(alpha) @ to_rgb  # od' = od @ matrix + shift
+        shift = beta @ to_rgb
+        matrix = matrix.T.float().contiguous()  # column form: od' = matrix @ od + shift
+        # with od = log(256) - log(I + 1): od' = offset - matrix @ log(I + 1)
+        offset = matrix.sum(1, keepdim=True) * _LOG256 + shift.float()[:, None]
+        return {"matrix": matrix, "offset": offset}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or isinstance(inpt, tv_tensors.Mask):
+            return inpt
+        if inpt.dtype != torch.uint8 or inpt.shape[-3] != 3:
+            raise ConfigError(
+                f"HEDJitter expects (..., 3, H, W) uint8 RGB, got {tuple(inpt.shape)} "
+                f"{inpt.dtype}; put it before ToDtype/Normalize"
+            )
+        shape = inpt.shape
+        log_i = inpt.reshape(-1, 3, shape[-2] * shape[-1]).float().add_(1.0).log_()
+        od = params["offset"] - torch.matmul(params["matrix"], log_i)
+        rgb = od.neg_().exp_().mul_(256.0).sub_(1.0).clamp_(0, 255).round_()
+        out = rgb.to(torch.uint8).reshape(shape)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+class StainNormalize(v2.Transform):
+    """Stain normalisation to a target image with torchstain (``pip install torchstain``).
+
+    ``method`` is ``"macenko"`` or ``"reinhard"``; ``target`` an (H, W, 3) uint8 RGB array.
+    """
+
+    def __init__(self, target: np.ndarray, method: str = "macenko") -> None:
+        super().__init__()
+        try:
+            import torchstain
+        except ImportError as exc:
+            raise ConfigError(
+                "stain normalisation needs torchstain: pip install torchstain "
+                "(or slidestream[stain])"
+            ) from exc
+        makers = {
+            "macenko": torchstain.normalizers.MacenkoNormalizer,
+            "reinhard": torchstain.normalizers.ReinhardNormalizer,
+        }
+        if method not in makers:
+            raise ConfigError(f"method must be one of {sorted(makers)}, got {method!r}")
+        self.method = method
+        self.normalizer = makers[method](backend="torch")
+        self.normalizer.fit(torch.from_numpy(np.ascontiguousarray(target)).permute(2, 0, 1) * 1.0)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor):
+            return inpt
+        out = (
+            self.normalizer.normalize(inpt.float(), stains=False)
+            if self.method == "macenko"
+            else self.normalizer.normalize(inpt.float())
+        )
+        out = out[0] if isinstance(out, tuple) else out
+        return out.permute(2, 0, 1).clamp(0, 255).round().to(torch.uint8)
+
+
+class MultiView:
+    """Several augmented views of one patch, e.g. 2 global + 6 local crops for DINO-style
+    self-supervised training. ``global_transform``/``local_transform`` run after the crops."""
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_global: int = 2,
+        n_local: int = 6,
+        global_scale: Sequence[float] = (0.4, 1.0),
+        local_scale: Sequence[float] = (0.05, 0.4),
+        global_transform: Any = None,
+        local_transform: Any = None,
+    ) -> None:
+        if n_global < 0 or n_local < 0 or n_global + n_local == 0:
+            raise ConfigError("MultiView needs at least one view")
+        aug = default_augmentation()
+        self.global_crop = v2.Compose(
+            [
+                v2.RandomResizedCrop(global_size, tuple(global_scale), antialias=True),
+                global_transform or aug,
+            ]
+        )
+        self.local_crop = v2.Compose(
+            [
+                v2.RandomResizedCrop(local_size, tuple(local_scale), antialias=True),
+                local_transform or aug,
+            ]
+        )
+        self.n_global, self.n_local = n_global, n_local
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [self.global_crop(image) for _ in range(self.n_global)] + [
+            self.local_crop(image) for _ in range(self.n_local)
+        ]
+
+
+def default_augmentation(strength: str = "light") -> v2.Transform:
+    """Augmentations that keep the physical scale: ``"light"`` (symmetries + HED jitter) or
+    ``"strong"`` (also brightness/contrast/saturation/hue jitter, blur and elastic deformation)."""
+    ops: list[v2.Transform] = [RandomFlipRot90(), HEDJitter(0.05, 0.05)]
+    if strength == "strong":
+        ops += [
+            v2.ColorJitter(0.15, 0.15, 0.1, 0.02),
+            v2.RandomApply([v2.GaussianBlur(5, (0.1, 1.5))], p=0.2),
+            v2.RandomApply([v2.ElasticTransform(alpha=30.0, sigma=6.0)], p=0.2),
+        ]
+    elif strength != "light":
+        raise ConfigError(f"strength must be 'light' or 'strong', got {strength!r}")
+    return v2.Compose(ops)
