@@ -63,7 +63,9 @@ def test_random_patches_have_enough_tissue_and_exact_pixels(pyramid):
     sampler = RandomPatchSampler(size=128, mpp=1.0, min_tissue=0.6)
     locs = [
         loc
-        for _, loc in zip(range(200), sampler.iter_locations(slide, mask, np.random.default_rng(0)))
+        for _, loc in zip(
+            range(200), sampler.iter_locations(slide, mask, np.random.default_rng(0)), strict=False
+        )
     ]
     assert len(locs) == 200
     for loc in locs[:50]:
@@ -81,15 +83,21 @@ def test_random_sampler_is_deterministic_for_a_seed(pyramid):
     sampler = RandomPatchSampler(size=64, mpp=0.7)
     a = [
         (p.x, p.y)
-        for _, p in zip(range(30), sampler.iter_locations(slide, mask, np.random.default_rng(3)))
+        for _, p in zip(
+            range(30), sampler.iter_locations(slide, mask, np.random.default_rng(3)), strict=False
+        )
     ]
     b = [
         (p.x, p.y)
-        for _, p in zip(range(30), sampler.iter_locations(slide, mask, np.random.default_rng(3)))
+        for _, p in zip(
+            range(30), sampler.iter_locations(slide, mask, np.random.default_rng(3)), strict=False
+        )
     ]
     c = [
         (p.x, p.y)
-        for _, p in zip(range(30), sampler.iter_locations(slide, mask, np.random.default_rng(4)))
+        for _, p in zip(
+            range(30), sampler.iter_locations(slide, mask, np.random.default_rng(4)), strict=False
+        )
     ]
     assert a == b and a != c
 
@@ -174,7 +182,9 @@ def test_annotation_sampler_labels_and_balance(pyramid, tmp_path):
     locs = [
         p
         for _, p in zip(
-            range(300), sampler.iter_locations(slide, mask, np.random.default_rng(0), ann)
+            range(300),
+            sampler.iter_locations(slide, mask, np.random.default_rng(0), ann),
+            strict=False,
         )
     ]
     labels = [p.label for p in locs]

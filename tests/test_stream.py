@@ -42,7 +42,7 @@ def cohort_csv(slides, tmp_path_factory):
 
 
 def _take(stream, n):
-    return [it for _, it in zip(range(n), iter(stream))]
+    return [it for _, it in zip(range(n), iter(stream), strict=False)]
 
 
 def _fake_worker(monkeypatch, wid, n):
@@ -150,7 +150,7 @@ def test_dataloader_with_two_workers_and_monitor(cohort_csv):
     )
     loader = DataLoader(s, batch_size=16, num_workers=2)
     mon = LoaderMonitor(loader, s)
-    batches = [b for _, b in zip(range(6), mon)]
+    batches = [b for _, b in zip(range(6), mon, strict=False)]
     assert batches[0]["image"].shape == (16, 3, 64, 64)
     stats = mon.stats()
     assert stats["patches"] == 96 and stats["patches_per_s"] > 0
