@@ -107,3 +107,47 @@ def test_synth_command(tmp_path, capsys):
     assert out.exists() and "wrote" in capsys.readouterr().out
     assert main(["info", "--json", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["mpp_x"] == pytest.approx(1.0)
+
+
+def test_patches_preview(slides, tmp_path, capsys):
+    out = tmp_path / "preview"
+    csv = tmp_path / "c.csv"
+    csv.write_text(
+        f"slide,label\n{slides['pyramid']},tumour\n{slides['small']},normal\nmissing.tiff,normal\n"
+    )
+    code = main(
+        [
+            "patches-preview",
+            str(csv),
+            "--mpp",
+            "1.0",
+            "--size",
+            "64",
+            "--n",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 1  # the missing row is reported, the rest is previewed
+    assert "line 4" in capsys.readouterr().err
+    assert (out / "patches.png").exists() and (out / "pyramid.locations.png").exists()
+    rows = (out / "patches.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[0].startswith("slide,x,y,mpp")
+    assert (
+        main(
+            [
+                "patches-preview",
+                str(slides["small"]),
+                "--mpp",
+                "1.0",
+                "--size",
+                "64",
+                "--n",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )

@@ -52,15 +52,15 @@ class HEDJitter(v2.Transform):
         self.sigma, self.bias = sigma, bias
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        alpha = 1.0 + (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.sigma
-        beta = (torch.rand(3, dtype=torch.float64) * 2 - 1) * self.bias
-        to_hed, to_rgb = torch.from_numpy(hed_from_rgb), torch.from_numpy(rgb_from_hed)
-        matrix = to_hed @ torch.diag(alpha) @ to_rgb  # od' = od @ matrix + shift
-        shift = beta @ to_rgb
-        matrix = matrix.T.float().contiguous()  # column form: od' = matrix @ od + shift
-        # with od = log(256) - log(I + 1): od' = offset - matrix @ log(I + 1)
-        offset = matrix.sum(1, keepdim=True) * _LOG256 + shift.float()[:, None]
-        return {"matrix": matrix, "offset": offset}
+        draw = torch.rand(6, dtype=torch.float64).numpy() * 2 - 1  # torch RNG, as v2 does
+        alpha, beta = 1.0 + draw[:3] * self.sigma, draw[3:] * self.bias
+        matrix = (hed_from_rgb * alpha) @ rgb_from_hed  # od' = od @ matrix + beta @ rgb_from_hed
+        # column form with od = log(256) - log(I + 1): od' = offset - matrix.T @ log(I + 1)
+        offset = matrix.sum(0) * _LOG256 + beta @ rgb_from_hed
+        return {
+            "matrix": torch.from_numpy(matrix.T.astype(np.float32)),
+            "offset": torch.from_numpy(offset.astype(np.float32)[:, None]),
+        }
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor) or isinstance(inpt, tv_tensors.Mask):
@@ -71,9 +71,10 @@ class HEDJitter(v2.Transform):
                 f"{inpt.dtype}; put it before ToDtype/Normalize"
             )
         shape = inpt.shape
-        log_i = inpt.reshape(-1, 3, shape[-2] * shape[-1]).float().add_(1.0).log_()
-        od = params["offset"] - torch.matmul(params["matrix"], log_i)
-        rgb = od.neg_().exp_().mul_(256.0).sub_(1.0).clamp_(0, 255).round_()
+        log_i = torch.log1p(inpt.reshape(-1, 3, shape[-2] * shape[-1]).float())
+        od = torch.matmul(params["matrix"], log_i).sub_(params["offset"])  # = -od'
+        # 256 * exp(-od') - 1, rounded: +0.5 then truncation
+        rgb = od.exp_().mul_(256.0).sub_(0.5).clamp_(0, 255)
         out = rgb.to(torch.uint8).reshape(shape)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
@@ -156,7 +157,8 @@ class MultiView:
 def default_augmentation(strength: str = "light") -> v2.Transform:
     """Augmentations that keep the physical scale: ``"light"`` (symmetries + HED jitter) or
     ``"strong"`` (also brightness/contrast/saturation/hue jitter, blur and elastic deformation)."""
-    ops: list[v2.Transform] = [RandomFlipRot90(), HEDJitter(0.05, 0.05)]
+    # HED first: it then reads a contiguous patch, and the symmetries stay cheap views
+    ops: list[v2.Transform] = [HEDJitter(0.05, 0.05), RandomFlipRot90()]
     if strength == "strong":
         ops += [
             v2.ColorJitter(0.15, 0.15, 0.1, 0.02),

@@ -1,0 +1,250 @@
+"""Patches per second from slides to batches: PatchStream vs wsistream, the decode ceiling, and
+time-to-first-batch versus pre-chopping the cohort to JPEG files.
+
+Cohort: ``--slides`` generated slides of ``--size``² pixels at 0.25 µm/px (cached in
+benchmarks/_data/cohort). Every loader draws random 256x256 patches at 0.5 µm/px with at least 50%
+tissue (Otsu), applies flips/90° rotations + HED stain jitter in its workers, and delivers batches
+of 64 through ``torch.utils.data.DataLoader``; the page cache is warm, one thread per process.
+
+- (a) ``PatchStream`` with 0, 1 and 2 workers (masks cached after the warm-up, as in training);
+- (b) wsistream 0.1.6 at its defaults (tiffslide and OpenSlide backends, tissue masks recomputed
+  when slides rotate, float32 batches), and its tissue-mask-cache variant;
+- (c) the ceiling: raw decode rate of the same level-1 regions by the fastest reader, one process;
+- (d) time to the first batch from cold (no masks cached; 2 workers; imports excluded) vs the time
+  to pre-chop every tissue patch of the cohort to JPEG files with 2 processes, and the extra disk
+  each needs (mask cache vs patch files).
+
+A peer that cannot be imported gives ``null`` with the reason on stderr. The last line is JSON with
+``ours_pps_2w``, ``wsistream_pps_2w``, ``decode_pps``, ``ttfb_s``, ``prechop_s``,
+``extra_disk_ratio`` (our extra disk / cohort size) and the other figures.
+
+    python benchmarks/patch_loader.py [--slides 20] [--size 20000] [--batches 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VIPS_CONCURRENCY", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from slidestream.data import HEDJitter, PatchStream, RandomFlipRot90  # noqa: E402
+from slidestream.io import open_slide  # noqa: E402
+from slidestream.sampling import GridPatchSampler, RandomPatchSampler  # noqa: E402
+from slidestream.synthetic import write_synthetic_slide  # noqa: E402
+from slidestream.tissue import detect_tissue  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BATCH, PATCH, MPP = 64, 256, 0.5
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def one_thread(_: int = 0) -> None:
+    torch.set_num_threads(1)
+
+
+def make_cohort(n: int, size: int, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"slide_{i:02d}.tiff"
+        if not p.exists():
+            log(f"generating {p} (once) ...")
+            write_synthetic_slide(p, size, size, mpp=0.25, seed=100 + i, tumour=i % 2 == 1)
+        paths.append(p)
+    return paths
+
+
+def ours(paths: list[Path], mask_dir: Path) -> PatchStream:
+    sampler = RandomPatchSampler(PATCH, MPP, min_tissue=0.5)
+    return PatchStream(
+        paths,
+        sampler,
+        transform=v2.Compose([HEDJitter(), RandomFlipRot90()]),
+        mask_dir=mask_dir,
+        seed=0,
+    )
+
+
+def wsistream(paths: list[Path], backend: str, mask_cache: int) -> object:
+    import wsistream as ws
+    from wsistream.torch import WsiStreamDataset
+
+    backends = {"tiffslide": ws.TiffSlideBackend, "openslide": ws.OpenSlideBackend}
+    return WsiStreamDataset(
+        [str(p) for p in paths],
+        backend=backends[backend](),
+        tissue_detector=ws.OtsuTissueDetector(),
+        sampler=ws.RandomSampler(patch_size=PATCH, num_patches=-1, target_mpp=MPP),
+        transforms=ws.ComposeTransforms(
+            transforms=[ws.RandomFlipRotate(), ws.HEDColorAugmentation()]
+        ),
+        seed=0,
+        tissue_mask_cache_size=mask_cache,
+    )
+
+
+def loader_pps(dataset: object, workers: int, batches: int, warmup: int = 3) -> float:
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        num_workers=workers,
+        worker_init_fn=one_thread if workers else None,
+    )
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - t0
+    del it
+    return batches * BATCH / elapsed
+
+
+def decode_ceiling(paths: list[Path], mask_dir: Path, n: int = 2000) -> dict[str, float]:
+    """Regions/s of the same level-1 256² regions through each library directly."""
+    import openslide
+    import pyvips
+    import tiffslide
+
+    stream = PatchStream(paths, RandomPatchSampler(PATCH, MPP, 0.5), mask_dir=mask_dir, seed=1)
+    coords = [(it["slide"], it["x"], it["y"]) for _, it in zip(range(n), stream, strict=False)]
+    handles = {
+        p: (
+            pyvips.Region.new(pyvips.Image.tiffload(str(p), page=1, access="random")),
+            tiffslide.TiffSlide(str(p)),
+            openslide.OpenSlide(str(p)),
+        )
+        for p in map(str, paths)
+    }
+    readers = {
+        "pyvips": lambda s, x, y: np.frombuffer(
+            handles[s][0].fetch(x // 2, y // 2, PATCH, PATCH), np.uint8
+        ),
+        "tiffslide": lambda s, x, y: handles[s][1].read_region(
+            (x, y), 1, (PATCH, PATCH), as_array=True
+        ),
+        "openslide": lambda s, x, y: np.asarray(
+            handles[s][2].read_region((x, y), 1, (PATCH, PATCH))
+        ),
+    }
+    rates = {}
+    for name, fn in readers.items():
+        t0 = time.perf_counter()
+        for s, x, y in coords:
+            fn(s, x, y)
+        rates[name] = len(coords) / (time.perf_counter() - t0)
+        log(f"decode     {name:10s} {rates[name]:8.1f} regions/s (1 process)")
+    return rates
+
+
+def ttfb(paths: list[Path], workers: int = 2) -> float:
+    with tempfile.TemporaryDirectory() as cold:
+        t0 = time.perf_counter()
+        loader = DataLoader(
+            ours(paths, Path(cold)),
+            batch_size=BATCH,
+            num_workers=workers,
+            worker_init_fn=one_thread,
+        )
+        next(iter(loader))
+        return time.perf_counter() - t0
+
+
+def _chop_one(path: str, out: str) -> tuple[int, int]:
+    one_thread()
+    from PIL import Image
+
+    slide = open_slide(path)
+    locs = GridPatchSampler(PATCH, MPP, min_tissue=0.5).locations(slide, detect_tissue(slide))
+    folder = Path(out) / Path(path).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    size = 0
+    for x, y, _ in locs:
+        f = folder / f"{int(x)}_{int(y)}.jpg"
+        Image.fromarray(slide.read(int(x), int(y), PATCH, PATCH, mpp=MPP)).save(f, quality=90)
+        size += f.stat().st_size
+    return len(locs), size
+
+
+def prechop(paths: list[Path], workers: int = 2) -> tuple[float, int, int]:
+    with tempfile.TemporaryDirectory(dir=HERE / "_data") as out:
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(workers) as pool:
+            done = list(pool.map(_chop_one, map(str, paths), [out] * len(paths)))
+        return time.perf_counter() - t0, sum(d[0] for d in done), sum(d[1] for d in done)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slides", type=int, default=20)
+    ap.add_argument("--size", type=int, default=20000)
+    ap.add_argument("--batches", type=int, default=40, help="timed batches per loader (40)")
+    ap.add_argument("--skip-peer", action="store_true")
+    args = ap.parse_args()
+    one_thread()
+    paths = make_cohort(args.slides, args.size, HERE / "_data" / f"cohort_{args.size}")
+    cohort_bytes = sum(p.stat().st_size for p in paths)
+    mask_dir = HERE / "_data" / "masks"
+    shutil.rmtree(mask_dir, ignore_errors=True)
+
+    res: dict[str, float | None] = {}
+    res["ttfb_s"] = ttfb(paths)
+    log(f"time to first batch (cold, 2 workers): {res['ttfb_s']:.2f} s")
+    for w in (0, 1, 2):
+        res[f"ours_pps_{w}w"] = loader_pps(ours(paths, mask_dir), w, args.batches)
+        log(f"ours       {w} workers {res[f'ours_pps_{w}w']:8.1f} patches/s")
+    mask_bytes = sum(f.stat().st_size for f in mask_dir.iterdir())
+    peers = {
+        "wsistream_pps_2w": ("tiffslide", 0),
+        "wsistream_openslide_pps_2w": ("openslide", 0),
+        "wsistream_maskcache_pps_2w": ("tiffslide", 64),
+    }
+    for key, (backend, cache) in peers.items():
+        res[key] = None
+        if args.skip_peer:
+            continue
+        try:
+            res[key] = loader_pps(wsistream(paths, backend, cache), 2, args.batches)
+            log(f"wsistream  {backend:9s} cache={cache:<3d} 2 workers {res[key]:8.1f} patches/s")
+        except Exception as exc:  # the peer is optional; say why it did not run
+            log(f"wsistream ({backend}) could not run: {type(exc).__name__}: {exc}")
+    rates = decode_ceiling(paths, mask_dir)
+    res["decode_pps"] = max(rates.values())
+    res["prechop_s"], n_patches, chop_bytes = prechop(paths)
+    log(f"prechop: {n_patches} patches in {res['prechop_s']:.1f} s, {chop_bytes / 1e6:.0f} MB")
+    summary = {
+        **{k: (round(v, 2) if v is not None else None) for k, v in res.items()},
+        "extra_disk_ratio": round(mask_bytes / cohort_bytes, 6),
+        "prechop_disk_ratio": round(chop_bytes / cohort_bytes, 4),
+        "prechop_over_ttfb": round(res["prechop_s"] / res["ttfb_s"], 1),
+        "vs_wsistream": round(res["ours_pps_2w"] / res["wsistream_pps_2w"], 2)
+        if res["wsistream_pps_2w"]
+        else None,
+        "vs_ceiling_2core": round(res["ours_pps_2w"] / (2 * res["decode_pps"]), 3),
+        "decode_library": max(rates, key=rates.get),
+        "slides": len(paths),
+        "size": args.size,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
