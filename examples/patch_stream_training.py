@@ -1,6 +1,7 @@
 """Train a small patch classifier straight from slides with PatchStream (no patch files).
 
     python examples/patch_stream_training.py SLIDE_OR_CSV... [--steps 1000] [--workers 2]
+        [--model resnet18] [--size 128] [--mpp 1.0]
 
 Slides without labels are labelled by file name (one class per slide) so that any set of slides
 gives a runnable loop; with a cohort CSV the ``label`` column is used. Prints loader throughput,
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--mpp", type=float, default=1.0)
+    ap.add_argument("--model", default="resnet18", help="any torchvision classification model")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -48,7 +50,7 @@ def main() -> None:
         num_workers=args.workers,
         worker_init_fn=lambda _: torch.set_num_threads(1),
     )
-    model = torchvision.models.resnet18(num_classes=len(stream.classes))
+    model = torchvision.models.get_model(args.model, weights=None, num_classes=len(stream.classes))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = LoaderMonitor(loader, stream)
     t0, running = time.perf_counter(), 0.0

@@ -182,15 +182,21 @@ def test_flip_rot90_and_hed_jitter():
         HEDJitter()(x.float())
 
 
-def test_stain_normalize_needs_torchstain_or_works():
-    target = np.full((32, 32, 3), 200, np.uint8)
+def test_stain_normalize(slides):
+    target = open_slide(slides["pyramid"]).read(900, 700, 128, 128)
+    src = torch.from_numpy(open_slide(slides["odd"]).read(1500, 1000, 64, 64)).permute(2, 0, 1)
     try:
         import torchstain  # noqa: F401
     except ImportError:
         with pytest.raises(ss.ConfigError, match="torchstain"):
             StainNormalize(target)
         return
-    pytest.skip("torchstain installed; covered elsewhere")
+    for method in ("macenko", "reinhard"):
+        out = StainNormalize(target, method)(src.contiguous())
+        assert out.shape == src.shape and out.dtype == torch.uint8
+        assert not torch.equal(out, src)
+    with pytest.raises(ss.ConfigError, match="method"):
+        StainNormalize(target, "vahadane")
 
 
 def test_bad_stream_arguments(cohort_csv, tmp_path):
