@@ -204,3 +204,17 @@ def test_bad_stream_arguments(cohort_csv, tmp_path):
         PatchStream(cohort_csv, RandomPatchSampler(), patches_per_visit=0)
     with pytest.raises(ss.ConfigError, match="no usable slides"):
         PatchStream([tmp_path / "none.svs"], RandomPatchSampler())
+
+
+def test_prepare_makes_masks_in_parallel_and_drops_bad_slides(slides, tmp_path):
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"junk")
+    s = PatchStream(
+        [slides["small"], slides["tumour2"], bad],
+        RandomPatchSampler(64, mpp=1.0),
+        mask_dir=tmp_path / "masks",
+    )
+    failed = s.prepare(workers=2)
+    assert len(failed) == 1 and "bad.svs" in failed[0]
+    assert len(s.cohort) == 2 and len(list((tmp_path / "masks").glob("*.tissue.png"))) == 2
+    assert len(_take(s, 10)) == 10
