@@ -32,3 +32,9 @@ from slidestream.sampling.cohort import (
 )
 from slidestream.sampling.grid import GridPatchSampler as GridPatchSampler
 from slidestream.sampling.random import RandomPatchSampler as RandomPatchSampler
+from slidestream.sampling.splits import (
+    parse_split as parse_split,
+)
+from slidestream.sampling.splits import (
+    split_by_patient as split_by_patient,
+)

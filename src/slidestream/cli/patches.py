@@ -1,0 +1,102 @@
+"""``slidestream patches``: build HDF5 patch databases (one file per split, split by patient)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slidestream.cli._common import error_line, positive_float
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "patches",
+        help="build an HDF5 patch database from slides or tile folders",
+        description="Extract patches into HDF5 (uint8, one patch per chunk, "
+        "compressed) with label, slide, patient, x, y, mpp; one file "
+        "per split, patients never shared between splits; resumable.",
+    )
+    p.add_argument(
+        "cohort",
+        nargs="+",
+        metavar="COHORT",
+        help="cohort CSV/TSV, slides, folders of slides, or (with --tiles) a folder "
+        "of class folders of tile images",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DB.h5")
+    p.add_argument("--mpp", type=positive_float, help="µm per pixel of the patches")
+    p.add_argument("--size", type=int, default=256, help="patch size in pixels (256)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--grid", type=int, metavar="STRIDE", help="grid patches, stride in pixels")
+    mode.add_argument("--random", type=int, metavar="N", help="N random patches per slide")
+    p.add_argument("--split", default=None, help="e.g. train=0.7,val=0.15,test=0.15")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--labels",
+        choices=["slide", "annotations"],
+        default="slide",
+        help="slide label, or the class of the GeoJSON polygon under each patch",
+    )
+    p.add_argument("--min-tissue", type=float, default=0.5)
+    p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
+    p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidestream.data.database import build_patch_databases, build_tile_database
+    from slidestream.errors import ConfigError
+    from slidestream.sampling import (
+        AnnotationSampler,
+        GridPatchSampler,
+        RandomPatchSampler,
+        load_cohort,
+        parse_split,
+    )
+
+    split = parse_split(args.split) if args.split else None
+    if args.tiles:
+        build = build_tile_database(
+            args.cohort[0],
+            args.out,
+            args.size,
+            split=split,
+            seed=args.seed,
+            compression=args.compression,
+            mpp=args.mpp,
+        )
+    else:
+        if args.mpp is None:
+            raise ConfigError("--mpp is required for slides (the µm per pixel of the patches)")
+        cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
+        for problem in cohort.problems:
+            error_line("patches", f"{problem} (left out)")
+        if args.random is not None and args.labels == "annotations":
+            sampler = AnnotationSampler(args.size, args.mpp, args.min_tissue)
+        elif args.random is not None:
+            sampler = RandomPatchSampler(args.size, args.mpp, args.min_tissue, replacement=False)
+        else:
+            sampler = GridPatchSampler(args.size, args.mpp, args.min_tissue, stride=args.grid)
+        build = build_patch_databases(
+            cohort,
+            args.out,
+            sampler,
+            split=split,
+            seed=args.seed,
+            labels=args.labels,
+            per_slide=args.random,
+            compression=args.compression,
+            backend=args.backend,
+            mask_dir=args.out.parent / "masks",
+        )
+        build.failures = cohort.problems + build.failures
+    for failure in build.failures:
+        error_line("patches", f"skipped {failure}")
+    for name, path in build.files.items():
+        print(f"{name}: {build.patches[name]} new patches -> {path}")
+    if build.skipped:
+        print(f"{build.skipped} slides (or tile blocks) already in the database were skipped")
+    return 1 if build.failures else 0
