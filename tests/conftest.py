@@ -86,3 +86,19 @@ def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         d / "tumour2.tiff", 1024, 1024, mpp=0.5, seed=6, tumour=True
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def three_class_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cohort CSV of 9 small slides, 3 per texture (normal, tumour, inflamed), 1 µm/px."""
+    d = tmp_path_factory.mktemp("three")
+    rows = []
+    for i in range(9):
+        texture = ("normal", "tumour", "inflamed")[i % 3]
+        path = write_synthetic_slide(
+            d / f"s{i}.tiff", 900, 700, mpp=1.0, seed=50 + i, texture=texture, tissue_fraction=0.6
+        )
+        rows.append(f"{path},{texture},patient{i},{('train', 'train', 'val')[i // 3]}")
+    csv = d / "cohort.csv"
+    csv.write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
+    return csv

@@ -31,10 +31,14 @@ __all__ = ["SyntheticSlide", "write_synthetic_slide"]
 log = logging.getLogger(__name__)
 
 _BACKGROUND = (242.0, 241.0, 243.0)
-_STROMA = (236.0, 160.0, 196.0)
-_NUCLEUS = (92.0, 58.0, 150.0)
-_TUMOUR_STROMA = (214.0, 136.0, 190.0)
-_TUMOUR_NUCLEUS = (58.0, 30.0, 112.0)
+# texture: stroma RGB, fibre amplitude per channel, nucleus RGB, nucleus spacing and radius (µm)
+TEXTURES: dict[
+    str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float, float]
+] = {
+    "normal": ((236.0, 160.0, 196.0), (60.0, 50.0, 30.0), (92.0, 58.0, 150.0), 36.0, 3.2),
+    "tumour": ((214.0, 136.0, 190.0), (40.0, 40.0, 20.0), (58.0, 30.0, 112.0), 30.0, 4.4),
+    "inflamed": ((242.0, 196.0, 218.0), (30.0, 25.0, 15.0), (48.0, 28.0, 100.0), 15.0, 2.3),
+}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class SyntheticSlide:
     mpp: float = 0.5
     seed: int = 0
     tumour: bool = False
+    texture: str = "normal"  # base tissue texture: normal, tumour or inflamed
     tumour_fraction: float = 0.15  # of the tissue area, roughly
     tissue_fraction: float = 0.45  # of the slide area, roughly
     aperio: bool = False  # write an Aperio-style ImageDescription (vendor "aperio")
@@ -58,6 +63,8 @@ class SyntheticSlide:
             raise ConfigError(f"size must be at least 16x16 pixels, got {self.width}x{self.height}")
         if not 0.05 <= self.mpp <= 50:
             raise ConfigError(f"mpp must be in [0.05, 50] µm/px, got {self.mpp}")
+        if self.texture not in TEXTURES:
+            raise ConfigError(f"texture must be one of {sorted(TEXTURES)}, got {self.texture!r}")
         if self.tile_size % 16:
             raise ConfigError(f"tile_size must be a multiple of 16, got {self.tile_size}")
         if not 0 < self.tissue_fraction < 1 or not 0 < self.tumour_fraction < 1:
@@ -78,8 +85,8 @@ def write_synthetic_slide(
 ) -> Path:
     """Write a synthetic pyramidal TIFF to ``path`` and return the path.
 
-    ``options`` are the other fields of :class:`SyntheticSlide` (``aperio``, ``write_mpp``,
-    ``tumour_fraction``, ``tissue_fraction``, ``tile_size``, ``quality``).
+    ``options`` are the other fields of :class:`SyntheticSlide` (``texture``, ``aperio``,
+    ``write_mpp``, ``tumour_fraction``, ``tissue_fraction``, ``tile_size``, ``quality``).
     """
     spec = SyntheticSlide(width, height, mpp=mpp, seed=seed, tumour=tumour, **options)
     import pyvips
@@ -182,15 +189,16 @@ def _render(
     tissue = upsample(tissue_lr)
     fibre = pyvips.Image.perlin(w, h, cell_size=max(2, round(12 * um)), seed=spec.seed + 11)
     grain = pyvips.Image.gaussnoise(w, h, sigma=3.0, mean=0.0, seed=spec.seed + 13)
-    stroma = (fibre * 60.0).bandjoin([fibre * 50.0, fibre * 30.0]) + list(_STROMA)
-    nuc = nuclei(36.0, 3.2, spec.seed + 17)
-    cell_rgb = _mix(stroma, list(_NUCLEUS), nuc)
+
+    def texture(name: str, seed: int) -> Any:
+        stroma_rgb, amp, nucleus_rgb, spacing, radius = TEXTURES[name]
+        stroma = (fibre * amp[0]).bandjoin([fibre * amp[1], fibre * amp[2]]) + list(stroma_rgb)
+        return _mix(stroma, list(nucleus_rgb), nuclei(spacing, radius, seed))
+
+    cell_rgb = texture(spec.texture, spec.seed + 17)
     if tumour_lr is not None:
         tum = upsample(tumour_lr)
-        tnuc = nuclei(30.0, 4.4, spec.seed + 19)
-        tstroma = (fibre * 40.0).bandjoin([fibre * 40.0, fibre * 20.0]) + list(_TUMOUR_STROMA)
-        tumour_rgb = _mix(tstroma, list(_TUMOUR_NUCLEUS), tnuc)
-        cell_rgb = _mix(cell_rgb, tumour_rgb, tum)
+        cell_rgb = _mix(cell_rgb, texture("tumour", spec.seed + 19), tum)
     out = _mix(list(_BACKGROUND), cell_rgb, tissue) + grain
     return out.cast("uchar").copy(interpretation="srgb")
 

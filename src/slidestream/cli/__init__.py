@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from slidestream._version import __version__
 
 # Subcommand modules, in the order they appear in --help.
-_COMMANDS = ("info", "tissue", "synth", "patches_preview", "patches", "check_streaming")
+_COMMANDS = (
+    "info",
+    "tissue",
+    "synth",
+    "patches_preview",
+    "patches",
+    "train_patches",
+    "check_streaming",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=positive_float, default=0.5, help="microns per pixel (0.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--tumour", "--tumor", action="store_true", help="add tumour-texture regions")
+    p.add_argument(
+        "--texture",
+        default="normal",
+        choices=["normal", "tumour", "inflamed"],
+        help="base tissue texture (normal)",
+    )
     p.add_argument("--aperio", action="store_true", help="Aperio-style SVS layout and description")
     p.add_argument("--no-mpp", action="store_true", help="write no usable resolution (for tests)")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality (85)")

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import slidestream as ss
+from slidestream.cli import main
+from slidestream.data.database import build_patch_databases
+from slidestream.sampling import GridPatchSampler, load_cohort
+from slidestream.train import load_checkpoint, load_config
+from slidestream.train.patch_config import PatchTrainConfig
+from slidestream.train.patches import train_patches
+
+
+@pytest.fixture(scope="module")
+def database(three_class_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("db") / "db.h5"
+    cohort = load_cohort(three_class_cohort)
+    build = build_patch_databases(
+        cohort,
+        out,
+        GridPatchSampler(48, mpp=1.0, min_tissue=0.6),
+        split={"train": 0.67, "val": 0.33},
+        progress=False,
+    )
+    return build.files["train"]
+
+
+def _rows(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_from_database_learns_and_resumes(database, tmp_path):
+    cfg = PatchTrainConfig(
+        data=str(database),
+        model="resnet18",
+        epochs=2,
+        steps_per_epoch=15,
+        batch_size=16,
+        lr=2e-3,
+        workers=0,
+        out=str(tmp_path),
+        name="db",
+    )
+    run = train_patches(cfg)
+    rows = _rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[-1]["val_accuracy"]) >= 0.8
+    for name in ("config.yaml", "last.pt", "best.pt", "curves.png", "val_grid_epoch2.png"):
+        assert (run / name).exists(), name
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["kind"] == "patch" and ckpt["classes"] == ["inflamed", "normal", "tumour"]
+    assert ckpt["patch_size"] == 48 and ckpt["mpp"] == 1.0 and ckpt["model"]["name"] == "resnet18"
+    # same name, more epochs: resumes at epoch 3 and keeps the history
+    cfg.epochs = 3
+    train_patches(cfg)
+    assert [r["epoch"] for r in _rows(run)] == ["1", "2", "3"]
+
+
+def test_train_from_stream(three_class_cohort, tmp_path):
+    cohort = load_cohort(three_class_cohort)
+    train_csv, val_csv = tmp_path / "train.csv", tmp_path / "val.csv"
+    for path, split in ((train_csv, "train"), (val_csv, "val")):
+        path.write_text(
+            "slide,label\n" + "".join(f"{s.path},{s.label}\n" for s in cohort.split(split))
+        )
+    cfg = PatchTrainConfig(
+        data=str(train_csv),
+        val_data=str(val_csv),
+        model="resnet18",
+        size=48,
+        mpp=1.0,
+        epochs=1,
+        steps_per_epoch=30,
+        batch_size=16,
+        lr=2e-3,
+        workers=0,
+        out=str(tmp_path),
+        name="stream",
+        balanced_sampling=True,
+    )
+    run = train_patches(cfg)
+    assert float(_rows(run)[-1]["val_accuracy"]) >= 0.7
+
+
+def test_config_yaml_flags_and_errors(tmp_path, database, capsys):
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text(f"data: {database}\nmodel: resnet18\nepochs: 5\n")
+    cfg = load_config(PatchTrainConfig, yaml_path, {"epochs": 1})
+    assert cfg.epochs == 1 and cfg.model == "resnet18"
+    with pytest.raises(ss.ConfigError, match="unknown config keys"):
+        load_config(PatchTrainConfig, None, {"data": "x.h5", "epoch": 1})
+    with pytest.raises(ss.ConfigError, match="optimizer"):
+        PatchTrainConfig(data="x.h5", optimizer="adam")
+    code = main(
+        [
+            "train-patches",
+            str(yaml_path),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--model",
+            "nonexistent_net",
+        ]
+    )
+    assert code == 1 and "unknown torchvision model" in capsys.readouterr().err
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path):
+    from slidestream.train import save_checkpoint
+
+    state = {
+        "kind": "patch",
+        "model": {"name": "x"},
+        "state_dict": {"w": torch.ones(2)},
+        "classes": ["a"],
+    }
+    path = save_checkpoint(tmp_path / "c.pt", state)
+    assert load_checkpoint(path)["state_dict"]["w"].sum() == 2
+    assert not list(tmp_path.glob(".*tmp"))
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ss.ConfigError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(ss.ConfigError, match="lacks"):
+        save_checkpoint(tmp_path / "d.pt", {"kind": "patch"})
