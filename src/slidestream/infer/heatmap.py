@@ -1,0 +1,66 @@
+"""Heatmaps: per-tile probabilities as arrays, and coloured overlays with a legend."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["colormap", "heatmap_overlay"]
+
+# anchors of a perceptually ordered blue→green→yellow→red map (0 → 1)
+_ANCHORS = np.array(
+    [
+        [48, 18, 59],
+        [40, 110, 235],
+        [25, 200, 160],
+        [150, 240, 60],
+        [250, 190, 40],
+        [220, 60, 20],
+        [122, 4, 3],
+    ],
+    float,
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (NaN allowed) to (..., 3) uint8 RGB; NaN becomes 0."""
+    v = np.clip(np.nan_to_num(np.asarray(values, float), nan=0.0), 0.0, 1.0)
+    pos = v * (len(_ANCHORS) - 1)
+    i = np.minimum(pos.astype(int), len(_ANCHORS) - 2)
+    t = (pos - i)[..., None]
+    return ((1 - t) * _ANCHORS[i] + t * _ANCHORS[i + 1]).round().astype(np.uint8)
+
+
+def heatmap_overlay(
+    thumbnail: np.ndarray,
+    grid: np.ndarray,
+    coverage: tuple[float, float],
+    title: str = "",
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Overlay ``grid`` (rows, cols) of probabilities in [0, 1] (NaN = not predicted) on a
+    thumbnail. ``coverage`` is the fraction of the thumbnail's (width, height) the grid spans
+    (tiles may stop short of the slide's right and bottom edges). A legend bar is added."""
+    h, w = thumbnail.shape[:2]
+    gw, gh = max(1, round(w * coverage[0])), max(1, round(h * coverage[1]))
+    color = Image.fromarray(colormap(grid)).resize((gw, gh), Image.Resampling.NEAREST)
+    known = Image.fromarray(np.isfinite(grid).astype(np.uint8) * 255).resize(
+        (gw, gh), Image.Resampling.NEAREST
+    )
+    base = Image.fromarray(thumbnail).convert("RGB")
+    layer = base.copy()
+    layer.paste(color, (0, 0), known)
+    out = Image.blend(base, layer, alpha)
+    legend_w = 70
+    canvas = Image.new("RGB", (w + legend_w, max(h, 160)), "white")
+    canvas.paste(out, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    bar_h = min(h - 40, 200) if h > 80 else 60
+    for k in range(bar_h):
+        c = tuple(int(x) for x in colormap(np.array(1 - k / max(1, bar_h - 1))))
+        draw.line([(w + 12, 20 + k), (w + 30, 20 + k)], fill=c)
+    draw.text((w + 34, 14), "1.0", fill=(0, 0, 0))
+    draw.text((w + 34, 14 + bar_h), "0.0", fill=(0, 0, 0))
+    if title:
+        draw.text((w + 4, 24 + bar_h + 10), title[:10], fill=(0, 0, 0))
+    return np.asarray(canvas)

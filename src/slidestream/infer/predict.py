@@ -1,0 +1,182 @@
+"""Whole-slide prediction with a patch classifier: grid tiles over tissue, read by DataLoader
+workers while the model runs, written as tiles CSV, heatmap (NPY + PNG), GeoJSON and a call."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from slidestream.data.functional import normalize
+from slidestream.errors import ConfigError
+from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
+from slidestream.infer.heatmap import heatmap_overlay
+from slidestream.io import Slide, open_slide
+from slidestream.models.classifiers import create_classifier
+from slidestream.sampling import GridPatchSampler, PatchLocation
+from slidestream.tissue import detect_tissue
+from slidestream.train.checkpoint import load_checkpoint
+
+__all__ = ["PatchPredictor", "SlidePrediction", "aggregate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlidePrediction:
+    """Slide-level result: the call, class probabilities and how many tiles voted."""
+
+    slide: str
+    call: str
+    probs: list[float]
+    tiles: int
+
+
+class _Tiles(Dataset):
+    """Grid tiles of one slide; each worker opens its own handle (Slide pickles lazily)."""
+
+    def __init__(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> None:
+        self.slide, self.sampler, self.xy = slide, sampler, xy
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x, y = (int(v) for v in self.xy[i])
+        pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.ndarray:
+    """Slide-level class probabilities from tile probabilities (N, C)."""
+    if len(probs) == 0:
+        return np.full(probs.shape[1], np.nan)
+    if method == "mean":
+        return probs.mean(0)
+    if method == "majority":
+        votes = np.bincount(probs.argmax(1), minlength=probs.shape[1])
+        return votes / votes.sum()
+    if method == "topk":
+        k = max(1, min(topk, len(probs)))
+        top = np.sort(probs, axis=0)[-k:].mean(0)
+        return top / top.sum()
+    raise ConfigError(f"aggregate must be mean, majority or topk, got {method!r}")
+
+
+class PatchPredictor:
+    """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint)."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        workers: int = 2,
+        min_tissue: float = 0.25,
+    ) -> None:
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt["kind"] != "patch":
+            raise ConfigError(f"{checkpoint} is a {ckpt['kind']} checkpoint, not a patch model")
+        self.classes: list[str] = list(ckpt["classes"])
+        self.mpp, self.size = ckpt.get("mpp"), int(ckpt["patch_size"])
+        norm = ckpt.get("normalization") or {}
+        self.mean, self.std = norm.get("mean"), norm.get("std")
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        self.model = create_classifier(ckpt["model"]["name"], len(self.classes))
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.to(self.device).eval()
+        self.batch_size, self.workers, self.min_tissue = batch_size, workers, min_tissue
+
+    @torch.no_grad()
+    def tile_probs(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> np.ndarray:
+        loader = DataLoader(
+            _Tiles(slide, sampler, xy),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        out = []
+        for batch in loader:
+            kw = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v}
+            logits = self.model(normalize(batch, device=self.device, **kw))
+            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(
+        self,
+        path: str | os.PathLike[str],
+        out_dir: str | os.PathLike[str],
+        *,
+        backend: str = "auto",
+        slide_mpp: float | None = None,
+        aggregate_by: str = "mean",
+        topk: int = 10,
+        threshold: float = 0.5,
+        geojson: str = "contours",
+        target: str | None = None,
+    ) -> SlidePrediction:
+        """Predict one slide and write its tiles CSV, heatmap NPY/PNG and GeoJSON."""
+        from PIL import Image
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        slide = open_slide(path, backend=backend, mpp=slide_mpp)
+        sampler = GridPatchSampler(self.size, self.mpp, min_tissue=self.min_tissue)
+        mask = detect_tissue(slide, cache_dir=out / "masks")
+        locs = sampler.locations(slide, mask)
+        xy, tissue = locs[:, :2].astype(np.int64), locs[:, 2]
+        probs = self.tile_probs(slide, sampler, xy)
+        stem, size0 = Path(path).stem, sampler.geometry(slide).size0
+        write_tiles_csv(out / f"{stem}.tiles.csv", xy, size0, tissue, probs, self.classes)
+        k = self._target_index(target)
+        grid = self._grid(slide, sampler, xy, probs)
+        np.save(out / f"{stem}.heatmap.npy", grid)
+        thumb = slide.thumbnail(1024)
+        w0, h0 = slide.dimensions
+        rows, cols = grid.shape[1:]
+        step = sampler.step * size0[0] / self.size, sampler.step * size0[1] / self.size
+        cover = (cols * step[0] / w0, rows * step[1] / h0)
+        Image.fromarray(heatmap_overlay(thumb, grid[k], cover, self.classes[k])).save(
+            out / f"{stem}.heatmap.png"
+        )
+        collection = (
+            tiles_geojson(xy, size0, probs, self.classes, threshold)
+            if geojson == "tiles"
+            else contours_geojson(grid[k], (0.0, 0.0, *step), self.classes[k], k, threshold)
+        )
+        write_geojson(collection, out / f"{stem}.geojson")
+        slide_probs = aggregate(probs, aggregate_by, topk)
+        call = self.classes[int(np.nanargmax(slide_probs))] if len(probs) else "no tissue"
+        return SlidePrediction(str(path), call, [float(p) for p in slide_probs], len(probs))
+
+    def _target_index(self, target: str | None) -> int:
+        if target is None:
+            return 1 if len(self.classes) == 2 else len(self.classes) - 1
+        if target not in self.classes:
+            raise ConfigError(f"--class must be one of {self.classes}, got {target!r}")
+        return self.classes.index(target)
+
+    def _grid(
+        self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray, probs: np.ndarray
+    ) -> np.ndarray:
+        """(C, rows, cols) probabilities on the full tile grid, NaN where no tile was predicted."""
+        rows, cols = sampler.grid_shape(slide)
+        size0 = sampler.geometry(slide).size0
+        step_x, step_y = (sampler.step * s / self.size for s in size0)
+        grid = np.full((len(self.classes), rows, cols), np.nan, np.float32)
+        r = np.minimum(np.rint(xy[:, 1] / step_y).astype(int), rows - 1)
+        c = np.minimum(np.rint(xy[:, 0] / step_x).astype(int), cols - 1)
+        grid[:, r, c] = probs.T
+        return grid
+
+    def describe(self) -> dict[str, Any]:
+        return {"classes": self.classes, "mpp": self.mpp, "patch_size": self.size}
