@@ -63,7 +63,7 @@ def test_predict_writes_all_outputs(checkpoint, three_class_cohort, tmp_path):
         ring = np.array(feat["geometry"]["coordinates"][0])
         assert (ring[:, 0] >= 0).all() and (ring[:, 0] <= w0).all() and (ring[:, 1] <= h0).all()
         assert ring[0].tolist() == ring[-1].tolist()
-    rows = list(csv.DictReader(open(tmp_path / f"{stem}.tiles.csv")))
+    rows = list(csv.DictReader((tmp_path / f"{stem}.tiles.csv").read_text().splitlines()))
     assert len(rows) == res.tiles and {"x", "y", "p_tumour"} <= set(rows[0])
 
 
@@ -86,7 +86,7 @@ def test_predict_cli_csv_and_bad_slide(checkpoint, three_class_cohort, tmp_path,
         ]
     )
     assert code == 1 and "bad.svs" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["call"] in ("normal", "tumour", "inflamed")
     gj = json.loads((tmp_path / "out" / f"{cohort.slides[0].path.stem}.geojson").read_text())
     assert all(len(f["geometry"]["coordinates"][0]) == 5 for f in gj["features"])
