@@ -23,6 +23,7 @@ _COMMANDS = (
     "patches_preview",
     "patches",
     "train_patches",
+    "prepare",
     "predict",
     "check_streaming",
 )

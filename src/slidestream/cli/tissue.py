@@ -54,11 +54,11 @@ def process_slide(path: Path, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
     from slidestream.io import find_slides
+    from slidestream.parallel import process_pool
 
     slides = find_slides(args.paths, recursive=args.recursive)
     if not slides:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(jobs), desc="tissue", unit="slide")
     rows = []
     if args.workers > 1:
-        with ProcessPoolExecutor(args.workers) as pool:
+        with process_pool(args.workers) as pool:
             for row in pool.map(process_slide, *zip(*jobs, strict=True)):
                 rows.append(_report(row, bar))
     else:

@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
+from slidestream.parallel import process_pool
 from slidestream.sampling import (
     Annotations,
     AnnotationSampler,
@@ -144,13 +145,12 @@ class PatchStream(IterableDataset):
     def prepare(self, workers: int = 2) -> list[str]:
         """Make (or load) every slide's tissue mask now, in parallel processes; returns the
         slides that failed, which are then left out of the stream."""
-        from concurrent.futures import ProcessPoolExecutor
 
         from tqdm import tqdm
 
         args = [(e, self.backend, self.tissue, str(self.mask_dir)) for e in self.cohort]
         failed = []
-        with ProcessPoolExecutor(max(1, workers)) as pool:
+        with process_pool(workers) as pool:
             results = pool.map(_mask_job, *zip(*args, strict=True))
             for entry, err in tqdm(
                 zip(self.cohort, results, strict=True),

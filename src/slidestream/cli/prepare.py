@@ -1,0 +1,55 @@
+"""``slidestream prepare``: crop slides to tissue at a target mpp for whole-slide training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slidestream.cli._common import error_line, positive_float
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="crop slides to tissue at a target mpp (for train)",
+        description="For each slide, read the tissue region at --mpp, crop to "
+        "the tissue bounding box, remove empty rows/columns between "
+        "pieces, and write DIR/<stem>.tiff (tiled pyramid), its "
+        "tissue mask and thumbnail, and DIR/prepared.csv. Finished "
+        "slides are skipped on re-runs; failures are listed.",
+    )
+    p.add_argument("cohort", nargs="+", metavar="COHORT", help="cohort CSV/TSV or slides")
+    p.add_argument("--mpp", type=positive_float, required=True, help="target µm per pixel")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (2)")
+    p.add_argument(
+        "--keep-empty", action="store_true", help="keep empty rows/columns between tissue pieces"
+    )
+    p.add_argument("--margin-um", type=float, default=64.0, help="margin around tissue (64 µm)")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidestream.data.prepare import prepare_cohort
+    from slidestream.sampling import load_cohort
+
+    cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
+    result = prepare_cohort(
+        cohort,
+        args.out,
+        args.mpp,
+        workers=args.workers,
+        remove_empty=not args.keep_empty,
+        margin_um=args.margin_um,
+        backend=args.backend,
+    )
+    for failure in result.failures:
+        error_line("prepare", f"failed: {failure}")
+    print(
+        f"{len(result.rows)} slides prepared ({result.skipped} already done), "
+        f"{len(result.failures)} failed -> {args.out / 'prepared.csv'}"
+    )
+    return 1 if result.failures else 0
