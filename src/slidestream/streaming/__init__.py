@@ -1,0 +1,31 @@
+"""Exact streaming of spatially local CNN trunks over images of any size.
+
+``StreamingModule(trunk, tile_size)`` is a drop-in ``nn.Module`` whose output and gradients
+equal ``trunk(x)``'s while only one tile's graph is held in memory at a time.
+"""
+
+from __future__ import annotations
+
+from slidestream.streaming.engine import (
+    StreamingModule as StreamingModule,
+    check_streamable as check_streamable,
+    trunk_geometry as trunk_geometry,
+)
+from slidestream.streaming.tiling import (
+    AxisGeometry as AxisGeometry,
+    TilePlan as TilePlan,
+    TrunkGeometry as TrunkGeometry,
+    plan_tiles as plan_tiles,
+    probe_geometry as probe_geometry,
+)
+
+__all__ = [
+    "StreamingModule",
+    "check_streamable",
+    "trunk_geometry",
+    "AxisGeometry",
+    "TrunkGeometry",
+    "TilePlan",
+    "plan_tiles",
+    "probe_geometry",
+]
