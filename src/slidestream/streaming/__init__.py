@@ -7,16 +7,16 @@ equal ``trunk(x)``'s while only one tile's graph is held in memory at a time.
 from __future__ import annotations
 
 from slidestream.streaming.engine import (
-    StreamingModule as StreamingModule,
-    check_streamable as check_streamable,
-    trunk_geometry as trunk_geometry,
+    StreamingModule,
+    check_streamable,
+    trunk_geometry,
 )
 from slidestream.streaming.tiling import (
-    AxisGeometry as AxisGeometry,
-    TilePlan as TilePlan,
-    TrunkGeometry as TrunkGeometry,
-    plan_tiles as plan_tiles,
-    probe_geometry as probe_geometry,
+    AxisGeometry,
+    TilePlan,
+    TrunkGeometry,
+    plan_tiles,
+    probe_geometry,
 )
 
 __all__ = [
