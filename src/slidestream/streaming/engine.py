@@ -88,7 +88,9 @@ def trunk_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
     per_trunk = _GEOMETRY.setdefault(trunk, {})
     if in_channels not in per_trunk:
         check_streamable(trunk)
-        per_trunk[in_channels] = probe_geometry(trunk, in_channels)
+        dev = next((p.device.type for p in trunk.parameters()), "cpu")
+        with torch.autocast("cpu", enabled=False), torch.autocast(dev, enabled=False):
+            per_trunk[in_channels] = probe_geometry(trunk, in_channels)
         logger.info("streaming geometry of %s: %s", type(trunk).__name__, per_trunk[in_channels])
     return per_trunk[in_channels]
 

@@ -144,8 +144,8 @@ def normalize_tile_size(
             raise StreamingError(f"tile {name} must be a positive int, got {t!r}")
         if t % s:
             raise StreamingError(
-                f"tile_size must be a multiple of {s} (the trunk's output stride), got {t}; "
-                f"try {max(s, round(t / s) * s)}"
+                f"tile_size must be a multiple of {s}, got {t} "
+                f"({s} px is the trunk's output stride; try {max(s, round(t / s) * s)})"
             )
     return th, tw
 
