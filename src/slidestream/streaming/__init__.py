@@ -7,6 +7,7 @@ equal ``trunk(x)``'s while only one tile's graph is held in memory at a time.
 from __future__ import annotations
 
 from slidestream.streaming.engine import (
+    StagedStreamingModule,
     StreamingModule,
     check_streamable,
     trunk_geometry,
@@ -20,6 +21,7 @@ from slidestream.streaming.tiling import (
 )
 
 __all__ = [
+    "StagedStreamingModule",
     "StreamingModule",
     "check_streamable",
     "trunk_geometry",

@@ -9,6 +9,8 @@ tile's core depends only on its crop, the result equals ``trunk(x)`` and its gra
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import weakref
 from collections.abc import Sequence
@@ -23,18 +25,37 @@ from slidestream.streaming.tiling import (
     TilePlan,
     TrunkGeometry,
     normalize_tile_size,
+    output_shape,
     output_size,
     plan_tiles,
     probe_geometry,
 )
 
-__all__ = ["StreamingModule", "check_streamable", "trunk_geometry"]
+__all__ = ["StagedStreamingModule", "StreamingModule", "check_streamable", "trunk_geometry"]
 
 logger = logging.getLogger(__name__)
 
 _GEOMETRY: weakref.WeakKeyDictionary[nn.Module, dict[int, TrunkGeometry]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim`` (returns freed heap pages to the OS), or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_cpu_memory(run: _Run) -> None:
+    """After a CPU tile: hand freed heap pages back so RSS follows one tile, not their history."""
+    if run.module.release_memory and _MALLOC_TRIM is not None and run.autocast[0] == "cpu":
+        _MALLOC_TRIM(0)
+
 
 _ALWAYS_REFUSED: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.GroupNorm, "GroupNorm normalises over the whole image; use BatchNorm in eval mode"),
@@ -131,6 +152,9 @@ class StreamingModule(nn.Module):
         geometry: dependency bounds to use instead of measuring them.
         verify_geometry: when ``geometry`` is given, measure anyway and refuse bounds that are
             too small (set False only to demonstrate what too small a margin does).
+        release_memory: on CPU, return freed heap pages to the OS after each tile (glibc
+            ``malloc_trim``); without it glibc keeps fragments of earlier crops and the
+            process's peak RSS grows well beyond one tile's working set.
     """
 
     def __init__(
@@ -145,6 +169,7 @@ class StreamingModule(nn.Module):
         channels_last: bool = False,
         geometry: TrunkGeometry | None = None,
         verify_geometry: bool = True,
+        release_memory: bool = True,
     ) -> None:
         super().__init__()
         if (mean is None) != (std is None):
@@ -160,6 +185,7 @@ class StreamingModule(nn.Module):
         self.channels_last = channels_last
         self._geometry = geometry
         self._verify = verify_geometry
+        self.release_memory = release_memory
         self._out_sizes: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.last_stats: dict = {}
 
@@ -308,6 +334,8 @@ def _forward_tiles(run: _Run, x: torch.Tensor) -> torch.Tensor:
             out = torch.empty(shape, dtype=y.dtype, device=y.device, memory_format=fmt)
         for tile in group.tiles:
             _place(out, y, tile)
+        del y
+        _release_cpu_memory(run)
     return out
 
 
@@ -366,4 +394,62 @@ class _StreamFunction(torch.autograd.Function):
                 if need_x and grads[-1] is not None:
                     ty, tx = tiles[0].y, tiles[0].x
                     x_grad[..., ty.in_start : ty.in_stop, tx.in_start : tx.in_stop] += grads[-1]
+                del grads
+                _release_cpu_memory(run)
         return (None, x_grad, *acc)
+
+
+class StagedStreamingModule(nn.Module):
+    """Stream a Sequential trunk in stages, each over the stitched output of the previous.
+
+    A deep trunk needs wide margins (ResNet-34: ~450 px per side), so one tile grid recomputes
+    much of the image. Cutting it after, e.g., ``layer2`` keeps that stage's stitched feature
+    map (and, in backward, its gradient) and streams the rest over it with margins in feature
+    px. Outputs and gradients stay exact. ``tile_size`` (input px) must be a multiple of the
+    cumulative stride at every cut; background skipping and normalisation act on stage 1.
+    """
+
+    def __init__(
+        self, trunk: nn.Sequential, tile_size: int, split_after: Sequence[str], **kwargs
+    ) -> None:
+        super().__init__()
+        names = [n for n, _ in trunk.named_children()]
+        bad = [s for s in split_after if s not in names[:-1]]
+        if bad or not split_after:
+            raise StreamingError(
+                f"split_after must name children of the trunk {names[:-1]}, got {bad}"
+            )
+        cuts = [0, *sorted(names.index(s) + 1 for s in split_after), len(names)]
+        later = {k: v for k, v in kwargs.items() if k in ("channels_last", "release_memory")}
+        self.tile_size = tile_size
+        self.stages = nn.ModuleList(
+            StreamingModule(trunk[a:b], tile_size, **(kwargs if i == 0 else later))
+            for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False))
+        )
+        self.last_stats: list[dict] = []
+
+    def plan(self, in_channels: int, hw: tuple[int, int]) -> list[TilePlan]:
+        """Measure every stage once and set its tile size; returns the stages' tile plans."""
+        th, tw = (self.tile_size,) * 2 if isinstance(self.tile_size, int) else self.tile_size
+        scale, c, plans = (1, 1), in_channels, []
+        for i, stage in enumerate(self.stages):
+            if th % scale[0] or tw % scale[1]:
+                raise StreamingError(
+                    f"tile_size must be a multiple of {scale[0]}, got {self.tile_size} "
+                    f"({scale[0]} px is the trunk's stride before stage {i + 1})"
+                )
+            stage.tile_size = (th // scale[0], tw // scale[1])
+            geom = stage.geometry(c)
+            plans.append(stage.plan(c, hw))
+            c, *hw = output_shape(stage.trunk, c, hw)
+            scale = (scale[0] * geom.y.stride, scale[1] * geom.x.stride)
+        return plans
+
+    def forward(self, x: torch.Tensor, background_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return ``trunk(x)`` for ``x`` of shape (N, C, H, W), stage by stage."""
+        self.plan(x.shape[1], (x.shape[2], x.shape[3]))
+        y = x
+        for i, stage in enumerate(self.stages):
+            y = stage(y, background_mask) if i == 0 else stage(y)
+        self.last_stats = [stage.last_stats for stage in self.stages]
+        return y

@@ -210,6 +210,11 @@ _PROBE_MAX = 8192  # input px; a trunk whose dependencies do not fit is treated 
 
 def output_size(trunk: nn.Module, in_channels: int, hw: tuple[int, int]) -> tuple[int, int]:
     """Output (h, w) of ``trunk`` for an input of ``hw`` (h, w) px, computed on the meta device."""
+    return output_shape(trunk, in_channels, hw)[1:]
+
+
+def output_shape(trunk: nn.Module, in_channels: int, hw: tuple[int, int]) -> tuple[int, int, int]:
+    """Output (c, h, w) of ``trunk`` for an input of ``hw`` (h, w) px, on the meta device."""
     state = {
         k: torch.empty_like(v, device="meta")
         for k, v in (*trunk.named_parameters(), *trunk.named_buffers())
@@ -225,7 +230,7 @@ def output_size(trunk: nn.Module, in_channels: int, hw: tuple[int, int]) -> tupl
         ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         raise StreamingError("the trunk must map (N, C, H, W) to a 4-D feature map (N, C, h, w)")
-    return int(out.shape[2]), int(out.shape[3])
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
 
 
 def _float_dtype(trunk: nn.Module) -> torch.dtype:
