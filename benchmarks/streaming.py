@@ -28,7 +28,10 @@ Metrics, each case in a fresh process:
   imports, model and input creation, the one-off setup and ``malloc_trim(0)``; the peak is the
   kernel's high-water mark (VmHWM), reset via /proc/self/clear_refs right after the baseline.
   On CUDA: ``max_memory_allocated`` over the same window.
-- recompute factor: input pixels processed by one pass over all crops / image pixels.
+- cpu: process CPU seconds of the same step (user + system, all threads), reported beside
+  wall time because this machine is shared: wall time includes waiting for a core.
+- recompute factor: input pixels processed by one pass over all crops / image pixels, per
+  stage (a stage's pixels are its input's: image px for stage 1, layer2 px for stage 2).
 
 Ratios are streamed/conventional; the last stdout line is one JSON object.
 """
@@ -142,13 +145,14 @@ def run_case(args) -> dict:
         return run_lightstream(args, torch, trunk, head, x, device, record)
     record["setup_s"] = time.perf_counter() - t0
     base = _baseline(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = step()
     loss = nn_loss(torch, head(out), target)
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     record["time_s"] = time.perf_counter() - t0
+    record["cpu_s"] = time.process_time() - c0
     record["peak_mb"] = _peak(device, base) / 2**20
     if args.case == "streaming":
         stats = smod.last_stats if isinstance(smod.last_stats, list) else [smod.last_stats]
@@ -181,13 +185,14 @@ def run_lightstream(args, torch, trunk, head, x, device, record) -> dict:
     record["setup_s"] = time.perf_counter() - t0
     target = torch.tensor([1], device=device)
     base = _baseline(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = smodel.forward(x)
     out.requires_grad = True
     nn_loss(torch, head(out), target).backward()
     smodel.backward(x, out.grad)
     record["time_s"] = time.perf_counter() - t0
+    record["cpu_s"] = time.process_time() - c0
     record["peak_mb"] = _peak(device, base) / 2**20
     return record
 
@@ -326,8 +331,11 @@ def _summary(r: dict) -> dict:
             r.get("t2048"), r.get("lightstream_t2048"), "time_s"
         ),
     }
+    out["bg30_cpu_ratio"] = _ratio(r.get("bg30"), r.get("bg_full"), "cpu_s")
+    out["lightstream_cpu_ratio_t2048"] = _ratio(r.get("t2048"), r.get("lightstream_t2048"), "cpu_s")
     for k in ("t1024", "t1536", "t2048", "single_t1024", "single_t2048"):
         out[f"time_ratio_{k}"] = _ratio(r.get(k), conv, "time_s")
+        out[f"cpu_ratio_{k}"] = _ratio(r.get(k), conv, "cpu_s")
         out[f"mem_ratio_{k}"] = _ratio(r.get(k), conv, "peak_mb")
     return out
 

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from slidestream.errors import StreamingError
-from slidestream.streaming import StreamingModule, check_streamable, trunk_geometry
+from slidestream.streaming import (
+    StagedStreamingModule,
+    StreamingModule,
+    check_streamable,
+    trunk_geometry,
+)
 from slidestream.streaming.check import randomize_norms
 from slidestream.streaming.tiling import AxisGeometry, TrunkGeometry
 
@@ -255,3 +260,45 @@ def test_rejects_bad_arguments():
         StreamingModule(trunk, 8)(torch.randn(3, 16, 16))
     with pytest.raises(StreamingError, match="both mean and std"):
         StreamingModule(trunk, 8, mean=(0, 0, 0))
+
+
+def _staged_trunk() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, 2, 1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        Residual(4, 2),
+        Residual(4),
+        nn.Conv2d(4, 4, 3, 2, 1),
+        Residual(4),
+    )
+
+
+@pytest.mark.parametrize("split", [["3"], ["2", "4"]])
+def test_staged_streaming_is_exact(split):
+    torch.manual_seed(0)
+    trunk = _staged_trunk().double().eval()
+    randomize_norms(trunk)
+    x = torch.randn(2, 3, 75, 61, dtype=torch.float64, requires_grad=True)
+    ref = trunk(x)
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    ref_grads = [p.grad.clone() for p in trunk.parameters()]
+    ref_x = x.grad.clone()
+    trunk.zero_grad(set_to_none=True)
+    x.grad = None
+    smod = StagedStreamingModule(trunk, 16, split)
+    out = smod(x)
+    (out * w).sum().backward()
+    assert len(smod.last_stats) == len(split) + 1
+    assert all(st["tiles"] > 1 for st in smod.last_stats)
+    assert _rel(out, ref) <= TOL and _rel(x.grad, ref_x) <= TOL
+    assert max(_rel(p.grad, g) for p, g in zip(trunk.parameters(), ref_grads, strict=True)) <= TOL
+
+
+def test_staged_streaming_checks_arguments():
+    trunk = _staged_trunk().double().eval()
+    with pytest.raises(StreamingError, match="split_after must name children"):
+        StagedStreamingModule(trunk, 16, ["nope"])
+    with pytest.raises(StreamingError, match="tile_size must be a multiple of 8, got 12"):
+        StagedStreamingModule(trunk, 12, ["3"])(torch.randn(1, 3, 40, 40, dtype=torch.float64))

@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--stream-until", default=None, help="last trunk stage (default: last conv stage)"
     )
     p.add_argument(
+        "--split-after",
+        nargs="*",
+        default=[],
+        metavar="STAGE",
+        help="stream in stages, cut after these trunk stages (e.g. layer2)",
+    )
+    p.add_argument(
         "--size",
         nargs=2,
         type=int,
@@ -42,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _format(result: dict) -> str:
     lines = [
         f"trunk stride {result['stride']} px, receptive field {result['receptive_field']} px, "
-        f"{result['tiles']} tiles, recompute factor {result['recompute_factor']:.2f}, "
+        f"tiles per stage {result['tiles']}, recompute factor per stage "
+        f"{', '.join(f'{r:.2f}' for r in result['recompute_factor'])}, "
         f"geometry probe {result['probe_s']:.1f} s",
         f"{'group':<28} {'params':>6} {'max abs err':>12} {'max rel err':>12}",
     ]
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         batch=args.batch,
         seed=args.seed,
         device=args.device,
+        split_after=tuple(args.split_after),
     )
     result["model"] = args.model
     print(json.dumps(result) if args.json else _format(result))

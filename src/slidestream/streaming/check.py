@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from slidestream.errors import StreamingError
-from slidestream.streaming.engine import StreamingModule
+from slidestream.streaming.engine import (
+    _MALLOC_TRIM,
+    StagedStreamingModule,
+    StreamingModule,
+    trunk_geometry,
+)
+from slidestream.streaming.tiling import output_shape
 
 __all__ = ["TOLERANCES", "check_streaming", "randomize_norms"]
 
@@ -51,7 +57,8 @@ class _PeakMemory:
     """Peak memory increase in bytes over the start of a ``with`` block.
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: resident set size sampled every 2 ms from
-    ``/proc/self/statm`` (Linux; elsewhere 0). Sampling can miss peaks shorter than 2 ms.
+    ``/proc/self/statm`` (Linux; elsewhere 0) after returning freed heap pages to the OS.
+    Sampling can miss peaks shorter than 2 ms.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -81,6 +88,8 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - base
             return
+        if _MALLOC_TRIM is not None:  # hand back what an earlier run freed, so it is not reused
+            _MALLOC_TRIM(0)
         base = self._rss()
         thread = threading.Thread(target=self._sample, args=(base,), daemon=True)
         thread.start()
@@ -134,6 +143,7 @@ def check_streaming(
     seed: int = 0,
     device: str | torch.device = "cpu",
     randomize: bool = True,
+    split_after: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run one training step of ``trunk`` conventionally and streamed, and compare.
 
@@ -141,6 +151,7 @@ def check_streaming(
         trunk: the spatially local network (converted in place to ``dtype`` and ``device``).
         size: image (width, height) in px. tile: streaming tile size in px.
         randomize: give BatchNorm random running stats and affine parameters first.
+        split_after: stream in stages cut after these children of a Sequential trunk.
 
     Returns a dict with per-group gradient errors, output and input-gradient errors, time (s)
     and peak memory (MB) of both runs, and ``ok`` (every error within ``TOLERANCES[dtype]``).
@@ -155,18 +166,23 @@ def check_streaming(
     if randomize:
         randomize_norms(trunk, seed)
     x = torch.randn(batch, 3, size[1], size[0], dtype=dtype, device=dev, requires_grad=True)
-    smod = StreamingModule(trunk, tile)
     t0 = time.perf_counter()
-    plan = smod.plan(3, (size[1], size[0]))
+    if split_after:
+        smod = StagedStreamingModule(trunk, tile, list(split_after))
+        plans = smod.plan(3, (size[1], size[0]))
+    else:
+        smod = StreamingModule(trunk, tile)
+        plans = [smod.plan(3, (size[1], size[0]))]
     probe_s = time.perf_counter() - t0
-    w = torch.randn(batch, _out_channels(trunk, x), *plan.out_size, dtype=dtype, device=dev)
+    out_shape = output_shape(trunk, 3, (size[1], size[0]))
+    w = torch.randn(batch, *out_shape, dtype=dtype, device=dev)
 
     out_s, time_s, mem_s = _step(smod, x, w, dev)
     g_s, xg_s = _grads(trunk), x.grad.clone()
     x.grad = None
     out_c, time_c, mem_c = _step(trunk, x, w, dev)
     g_c, xg_c = _grads(trunk), x.grad.clone()
-    return _report(trunk, plan, smod, dtype, (out_s, g_s, xg_s), (out_c, g_c, xg_c), {
+    return _report(trunk, plans, dtype, (out_s, g_s, xg_s), (out_c, g_c, xg_c), {
         "probe_s": probe_s,
         "streaming": {"time_s": time_s, "peak_mem_mb": mem_s / 2**20},
         "conventional": {"time_s": time_c, "peak_mem_mb": mem_c / 2**20},
@@ -174,13 +190,7 @@ def check_streaming(
     })  # fmt: skip
 
 
-def _out_channels(trunk: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        small = x[:1, :, : min(x.shape[2], 256), : min(x.shape[3], 256)]
-        return int(trunk(small).shape[1])
-
-
-def _report(trunk, plan, smod, dtype, streamed, conventional, extra) -> dict[str, Any]:
+def _report(trunk, plans, dtype, streamed, conventional, extra) -> dict[str, Any]:
     out_s, g_s, xg_s = streamed
     out_c, g_c, xg_c = conventional
     groups: dict[str, dict[str, Any]] = {}
@@ -195,7 +205,7 @@ def _report(trunk, plan, smod, dtype, streamed, conventional, extra) -> dict[str
     x_abs, x_rel = _rel(xg_s, xg_c)
     tol = TOLERANCES[dtype]
     worst = max([out_rel, x_rel, *(g["max_rel"] for g in groups.values())])
-    geom = smod.geometry(3)
+    geom = trunk_geometry(trunk, 3)
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "tolerance": tol,
@@ -204,8 +214,8 @@ def _report(trunk, plan, smod, dtype, streamed, conventional, extra) -> dict[str
         "output": {"max_abs": out_abs, "max_rel": out_rel},
         "input_grad": {"max_abs": x_abs, "max_rel": x_rel},
         "groups": groups,
-        "tiles": len(plan),
-        "recompute_factor": plan.recompute_factor,
+        "tiles": [len(p) for p in plans],
+        "recompute_factor": [p.recompute_factor for p in plans],
         "receptive_field": [geom.y.receptive_field, geom.x.receptive_field],
         "stride": [geom.y.stride, geom.x.stride],
         **extra,

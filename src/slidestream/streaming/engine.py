@@ -24,6 +24,7 @@ from slidestream.streaming.tiling import (
     Tile,
     TilePlan,
     TrunkGeometry,
+    check_streamable,
     normalize_tile_size,
     output_shape,
     output_size,
@@ -57,58 +58,10 @@ def _release_cpu_memory(run: _Run) -> None:
         _MALLOC_TRIM(0)
 
 
-_ALWAYS_REFUSED: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.GroupNorm, "GroupNorm normalises over the whole image; use BatchNorm in eval mode"),
-    (nn.AdaptiveAvgPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
-    (nn.AdaptiveMaxPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
-    (nn.MultiheadAttention, "attention mixes all positions; move it to the head"),
-    (
-        nn.Flatten,
-        "a flattened map (e.g. for a Linear layer) is not spatially local; move it to the head",
-    ),
-    (nn.Unflatten, "reshaping a map is not spatially local; move it to the head"),
-)
-
-
-def _refusal(mod: nn.Module) -> str | None:
-    """Why ``mod`` cannot be streamed exactly, or None."""
-    for cls, why in _ALWAYS_REFUSED:
-        if isinstance(mod, cls):
-            return why
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
-        mod.training or mod.running_mean is None
-    ):
-        return "batch statistics span the whole image; call .eval() on it (affine stays trainable)"
-    if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and (
-        mod.training or mod.running_mean is None
-    ):
-        return "instance statistics span the whole image; use running statistics in eval mode"
-    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
-        return "LayerNorm over more than the channel axis spans the image"
-    if "Attention" in type(mod).__name__:
-        return "attention mixes all positions; move it to the head"
-    dropout = isinstance(mod, nn.modules.dropout._DropoutNd) or type(mod).__name__ in (
-        "StochasticDepth",
-        "DropPath",
-    )
-    if dropout and mod.training and float(getattr(mod, "p", getattr(mod, "drop_prob", 0.0))) > 0:
-        return "dropout in training mode draws a different mask per tile; call .eval() on it"
-    return None
-
-
-def check_streamable(trunk: nn.Module) -> None:
-    """Raise :class:`StreamingError` naming the first module that is not spatially local."""
-    for name, mod in trunk.named_modules():
-        why = _refusal(mod)
-        if why:
-            raise StreamingError(f"cannot stream module {name!r} ({type(mod).__name__}): {why}")
-
-
 def trunk_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
     """Measured geometry of ``trunk`` (probed once per trunk and channel count, then cached)."""
     per_trunk = _GEOMETRY.setdefault(trunk, {})
     if in_channels not in per_trunk:
-        check_streamable(trunk)
         dev = next((p.device.type for p in trunk.parameters()), "cpu")
         with torch.autocast("cpu", enabled=False), torch.autocast(dev, enabled=False):
             per_trunk[in_channels] = probe_geometry(trunk, in_channels)
@@ -433,16 +386,17 @@ class StagedStreamingModule(nn.Module):
         th, tw = (self.tile_size,) * 2 if isinstance(self.tile_size, int) else self.tile_size
         scale, c, plans = (1, 1), in_channels, []
         for i, stage in enumerate(self.stages):
-            if th % scale[0] or tw % scale[1]:
+            geom = stage.geometry(c)
+            end = (scale[0] * geom.y.stride, scale[1] * geom.x.stride)
+            if th % end[0] or tw % end[1]:
                 raise StreamingError(
-                    f"tile_size must be a multiple of {scale[0]}, got {self.tile_size} "
-                    f"({scale[0]} px is the trunk's stride before stage {i + 1})"
+                    f"tile_size must be a multiple of {max(end)}, got {self.tile_size} "
+                    f"({max(end)} px is the trunk's stride at the end of stage {i + 1})"
                 )
             stage.tile_size = (th // scale[0], tw // scale[1])
-            geom = stage.geometry(c)
             plans.append(stage.plan(c, hw))
             c, *hw = output_shape(stage.trunk, c, hw)
-            scale = (scale[0] * geom.y.stride, scale[1] * geom.x.stride)
+            scale = end
         return plans
 
     def forward(self, x: torch.Tensor, background_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -335,6 +335,53 @@ def find_spreader(trunk: nn.Module, in_channels: int) -> str:
     return found[0] if found else "an operation outside named modules"
 
 
+_ALWAYS_REFUSED: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.GroupNorm, "GroupNorm normalises over the whole image; use BatchNorm in eval mode"),
+    (nn.AdaptiveAvgPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
+    (nn.AdaptiveMaxPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
+    (nn.MultiheadAttention, "attention mixes all positions; move it to the head"),
+    (
+        nn.Flatten,
+        "a flattened map (e.g. for a Linear layer) is not spatially local; move it to the head",
+    ),
+    (nn.Unflatten, "reshaping a map is not spatially local; move it to the head"),
+)
+
+
+def _refusal(mod: nn.Module) -> str | None:
+    """Why ``mod`` cannot be streamed exactly, or None."""
+    for cls, why in _ALWAYS_REFUSED:
+        if isinstance(mod, cls):
+            return why
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
+        mod.training or mod.running_mean is None
+    ):
+        return "batch statistics span the whole image; call .eval() on it (affine stays trainable)"
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and (
+        mod.training or mod.running_mean is None
+    ):
+        return "instance statistics span the whole image; use running statistics in eval mode"
+    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
+        return "LayerNorm over more than the channel axis spans the image"
+    if "Attention" in type(mod).__name__:
+        return "attention mixes all positions; move it to the head"
+    dropout = isinstance(mod, nn.modules.dropout._DropoutNd) or type(mod).__name__ in (
+        "StochasticDepth",
+        "DropPath",
+    )
+    if dropout and mod.training and float(getattr(mod, "p", getattr(mod, "drop_prob", 0.0))) > 0:
+        return "dropout in training mode draws a different mask per tile; call .eval() on it"
+    return None
+
+
+def check_streamable(trunk: nn.Module) -> None:
+    """Raise :class:`StreamingError` naming the first module that is not spatially local."""
+    for name, mod in trunk.named_modules():
+        why = _refusal(mod)
+        if why:
+            raise StreamingError(f"cannot stream module {name!r} ({type(mod).__name__}): {why}")
+
+
 def probe_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
     """Measure a trunk's stride and dependency bounds on both axes (input px).
 
@@ -342,6 +389,7 @@ def probe_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
     band of NaN input rows reaches is the trunk's structural dependency, independent of the
     weights, of dead ReLUs and of max-pool choices. Bounds are conservative by < stride px.
     """
+    check_streamable(trunk)
     sy, sx = measure_strides(trunk, in_channels)
     y = _probe_axis(trunk, in_channels, 0, sy, _min_side(trunk, in_channels, 1, sx))
     x = _probe_axis(trunk, in_channels, 1, sx, _min_side(trunk, in_channels, 0, sy)) if y else None
