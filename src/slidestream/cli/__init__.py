@@ -24,6 +24,7 @@ _COMMANDS = (
     "patches",
     "train_patches",
     "prepare",
+    "train",
     "predict",
     "check_streaming",
 )

@@ -346,11 +346,15 @@ class _Run:
 
 def _warm_imports() -> None:
     """Import what workers need lazily now, so forked DataLoader workers inherit it instead of
-    each importing scikit-image and SciPy before their first patch."""
-    import scipy.ndimage  # noqa: F401
-    import skimage.color  # noqa: F401
-    import skimage.filters  # noqa: F401
-    import skimage.morphology  # noqa: F401
+    each importing the readers, scikit-image and SciPy before their first patch."""
+    import importlib
+
+    for name in ("scipy.ndimage", "skimage.color", "skimage.filters", "skimage.morphology",
+                 "tifffile", "tiffslide", "pyvips", "openslide"):
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError):  # an optional reader that is missing is not our problem
+            pass
 
 
 def _mask_job(entry: SlideEntry, backend: str, tissue: Any, mask_dir: str) -> str:

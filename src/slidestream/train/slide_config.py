@@ -1,0 +1,62 @@
+"""Settings of ``slidestream train`` (streamed whole-slide training); every field is a flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slidestream.errors import ConfigError
+
+__all__ = ["SlideTrainConfig"]
+
+
+@dataclass
+class SlideTrainConfig:
+    """Whole-slide classification/regression trained end to end with slide labels."""
+
+    data: str = ""  # prepared.csv (slide,label[,patient,split]) from slidestream prepare
+    val_data: str | None = None  # CSV of validation slides; default: rows with split=val
+    task: str = "binary"  # binary | multiclass | multilabel | regression
+    classes: str | None = None  # comma-separated class order; default: sorted labels
+    model: str = "resnet34"
+    stream_until: str | None = None  # last trunk stage streamed (default: last conv stage)
+    weights: str | None = None  # torchvision weights name, state-dict file, or none
+    pooling: str = "max"  # global max or mean pooling of the streamed feature map
+    image_size: int | None = 2048  # square crop/pad (random for training); none: whole slide
+    tile_size: int = 1024  # streaming tile in input px (multiple of the output stride)
+    epochs: int = 10
+    lr: float = 1e-4
+    optimizer: str = "sgd"  # sgd (momentum) | adamw
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    accumulate: int = 1  # images per optimizer step (effective batch size)
+    weighted_sampler: bool = False  # sample slides inversely to their class frequency
+    train_all_layers: bool = True  # False: train the head only
+    unfreeze_epoch: int = 0  # > 0: trunk frozen until this epoch, then trained at trunk_lr
+    trunk_lr_factor: float = 0.1
+    amp: bool = False
+    epoch_multiply: int = 1  # passes over the training slides per epoch
+    train_set_size: int | None = None  # use only the first N training slides
+    val_interval: int = 1
+    augmentation: bool = True  # flips, 90° rotations, HED jitter, one draw per whole image
+    best_metric: str = "auc"  # validation metric for best.pt (loss is minimised)
+    average_window: int = 0  # > 0: average weights of epochs best±window into averaged.pt
+    resume_from: str | None = None  # a checkpoint of another run to start from
+    workers: int = 2
+    seed: int = 0
+    out: str = "runs"
+    name: str = "slides"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ConfigError("data is required: the prepared.csv written by slidestream prepare")
+        checks = {
+            "task": ("binary", "multiclass", "multilabel", "regression"),
+            "pooling": ("max", "mean"),
+            "optimizer": ("sgd", "adamw"),
+        }
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0 or self.tile_size < 1:
+            raise ConfigError("epochs, accumulate and tile_size must be >= 1 and lr > 0")
