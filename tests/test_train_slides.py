@@ -1,0 +1,115 @@
+"""Streamed whole-slide training: runs, checkpoints, resume, only-eval, DDP equals 1 process."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import slidestream as ss
+from slidestream.cli import main
+from slidestream.data.prepare import prepare_cohort
+from slidestream.sampling import load_cohort
+from slidestream.synthetic import write_synthetic_slide
+from slidestream.train import load_checkpoint
+from slidestream.train.slide import build_model, step_order
+from slidestream.train.slide_config import SlideTrainConfig
+from slidestream.train.slide_loop import evaluate_slides, train_slides
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    rows = []
+    for i in range(6):
+        tumour = i % 2 == 1
+        p = write_synthetic_slide(d / f"s{i}.tiff", 1024, 1024, mpp=1.0, seed=400 + i,
+                                  tumour=tumour, tumour_fraction=0.3)
+        split = "val" if i >= 4 else "train"
+        rows.append(f"{p},{'tumour' if tumour else 'normal'},p{i},{split}")
+    (d / "c.csv").write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
+    res = prepare_cohort(load_cohort(d / "c.csv"), d / "prep", 4.0, workers=1, progress=False)
+    assert not res.failures
+    return d / "prep" / "prepared.csv"
+
+
+def _cfg(prepared, tmp_path, **kw):
+    base = dict(data=str(prepared), model="resnet18", stream_until="layer1", image_size=256,
+                tile_size=256, epochs=1, lr=1e-3, optimizer="adamw", accumulate=2, workers=0,
+                out=str(tmp_path), name="run", augmentation=False)
+    return SlideTrainConfig(**{**base, **kw})
+
+
+def test_train_resume_and_only_eval(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, average_window=1)
+    run = train_slides(cfg)
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1"] and "val_auc" in rows[0]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["kind"] == "streaming" and ckpt["classes"] == ["normal", "tumour"]
+    assert ckpt["mpp"] == 4.0 and ckpt["tile_size"] == 256
+    assert (run / "averaged.pt").exists() and (run / "best.pt").exists()
+    cfg.epochs = 2
+    train_slides(cfg)  # same name: resumes at epoch 2
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    out = evaluate_slides(run / "last.pt", prepared, tmp_path / "eval")
+    preds = list(csv.DictReader(out.read_text().splitlines()))
+    assert len(preds) == 6 and {"p_normal", "p_tumour"} <= set(preds[0])
+
+
+def test_bad_labels_are_rejected_with_the_row(prepared, tmp_path):
+    bad = tmp_path / "bad.csv"
+    lines = prepared.read_text().splitlines()
+    bad.write_text("\n".join([lines[0], lines[1], lines[2].replace("tumour", "")]) + "\n")
+    with pytest.raises(ss.ConfigError, match="line 3"):
+        train_slides(_cfg(bad, tmp_path, task="binary"))
+
+
+def test_step_order_is_seeded_and_weighted():
+    cfg = SlideTrainConfig(data="x.csv", epoch_multiply=2)
+    a, b = step_order(5, cfg, 0), step_order(5, cfg, 0)
+    assert (a == b).all() and len(a) == 10 and sorted(a) == sorted(list(range(5)) * 2)
+    assert not (step_order(5, cfg, 1) == a).all()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_kw, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train_slides(SlideTrainConfig(**cfg_kw))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_equals_single_process(prepared, tmp_path):
+    base = dict(data=str(prepared), model="resnet18", stream_until="layer1", image_size=128,
+                tile_size=128, epochs=1, lr=1e-2, optimizer="sgd", accumulate=2, workers=0,
+                augmentation=False, out=str(tmp_path))
+    train_slides(SlideTrainConfig(**base, name="single"))
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), {**base, "name": "ddp"}, None),
+                       nprocs=2, join=True, start_method="spawn")
+    single = load_checkpoint(tmp_path / "single" / "last.pt")["state_dict"]
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]
+    init = build_model(SlideTrainConfig(**base, name="x"), ["normal", "tumour"]).state_dict()
+    moved = [k for k in single if single[k].is_floating_point()
+             and not torch.equal(single[k], init[k])]
+    assert moved  # training changed the weights
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6)
+
+
+def test_train_cli_only_eval(prepared, tmp_path, capsys):
+    run = train_slides(_cfg(prepared, tmp_path, name="cli"))
+    code = main(["train", "--data", str(prepared), "--only-eval", str(prepared), "--checkpoint",
+                 str(run / "last.pt"), "--out", str(tmp_path), "--name", "cli"])
+    assert code == 0 and "predictions" in capsys.readouterr().out
