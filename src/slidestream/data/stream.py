@@ -349,8 +349,16 @@ def _warm_imports() -> None:
     each importing the readers, scikit-image and SciPy before their first patch."""
     import importlib
 
-    for name in ("scipy.ndimage", "skimage.color", "skimage.filters", "skimage.morphology",
-                 "tifffile", "tiffslide", "pyvips", "openslide"):
+    for name in (
+        "scipy.ndimage",
+        "skimage.color",
+        "skimage.filters",
+        "skimage.morphology",
+        "tifffile",
+        "tiffslide",
+        "pyvips",
+        "openslide",
+    ):
         try:
             importlib.import_module(name)
         except (ImportError, OSError):  # an optional reader that is missing is not our problem
