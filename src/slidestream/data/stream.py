@@ -347,6 +347,7 @@ class _Run:
 def _warm_imports() -> None:
     """Import what workers need lazily now, so forked DataLoader workers inherit it instead of
     each importing the readers, scikit-image and SciPy before their first patch."""
+    import contextlib
     import importlib
 
     for name in (
@@ -359,10 +360,8 @@ def _warm_imports() -> None:
         "pyvips",
         "openslide",
     ):
-        try:
+        with contextlib.suppress(ImportError, OSError):  # a missing optional reader is fine
             importlib.import_module(name)
-        except (ImportError, OSError):  # an optional reader that is missing is not our problem
-            pass
 
 
 def _mask_job(entry: SlideEntry, backend: str, tissue: Any, mask_dir: str) -> str:
