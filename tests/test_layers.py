@@ -25,6 +25,7 @@ RANK = {
     "train": 6,
     "infer": 6,
     "cli": 7,
+    "demo": 7,
 }
 # same-rank siblings that must not import each other
 FORBIDDEN = {("streaming", "models"), ("models", "streaming"), ("streaming", "io")}

@@ -114,6 +114,8 @@ def test_contours_with_hole_and_aggregate():
     p = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8]])
     np.testing.assert_allclose(aggregate(p, "mean"), [19 / 30, 11 / 30])
     np.testing.assert_allclose(aggregate(p, "majority"), [2 / 3, 1 / 3])
-    np.testing.assert_allclose(aggregate(p, "topk", topk=1), [0.9 / 1.7, 0.8 / 1.7])
+    np.testing.assert_allclose(aggregate(p, "topk", topk=1), [0.2, 0.8])
+    p3 = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    np.testing.assert_allclose(aggregate(p3, "topk", topk=1), np.array([0.7, 0.2, 0.8]) / 1.7)
     with pytest.raises(ss.ConfigError):
         aggregate(p, "median")

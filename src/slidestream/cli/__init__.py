@@ -17,6 +17,8 @@ from slidestream._version import __version__
 
 # Subcommand modules, in the order they appear in --help.
 _COMMANDS = (
+    "demo",
+    "report",
     "info",
     "tissue",
     "synth",

@@ -76,7 +76,7 @@ def build_patch_databases(
     if labels not in ("slide", "annotations"):
         raise ConfigError(f"labels must be 'slide' or 'annotations', got {labels!r}")
     classes = _classes(cohort, labels)
-    groups = split_by_patient(cohort.slides, split or {"all": 1.0}, seed)
+    groups = split_by_patient(cohort.slides, split, seed) if split else {"all": cohort.slides}
     params = {
         "sampler": type(sampler).__name__,
         **{k: getattr(sampler, k) for k in sampler.__dataclass_fields__},
@@ -207,7 +207,7 @@ def build_tile_database(
     patch (resized to ``size`` if needed) and its own patient."""
     pairs, classes = tile_folder_entries(root)
     entries = [SlideEntry(p, label=c, patient=f"{c}/{p.stem}") for p, c in pairs]
-    groups = split_by_patient(entries, split or {"all": 1.0}, seed)
+    groups = split_by_patient(entries, split, seed) if split else {"all": entries}
     build = DatabaseBuild(files=split_paths(out, list(groups)))
     params = {"source": str(root), "size": size, "split": split, "compression": compression}
     for name, group in groups.items():

@@ -36,7 +36,7 @@ def heatmap_overlay(
     grid: np.ndarray,
     coverage: tuple[float, float],
     title: str = "",
-    alpha: float = 0.5,
+    alpha: float = 0.7,
 ) -> np.ndarray:
     """Overlay ``grid`` (rows, cols) of probabilities in [0, 1] (NaN = not predicted) on a
     thumbnail. ``coverage`` is the fraction of the thumbnail's (width, height) the grid spans
@@ -44,13 +44,11 @@ def heatmap_overlay(
     h, w = thumbnail.shape[:2]
     gw, gh = max(1, round(w * coverage[0])), max(1, round(h * coverage[1]))
     color = Image.fromarray(colormap(grid)).resize((gw, gh), Image.Resampling.NEAREST)
-    known = Image.fromarray(np.isfinite(grid).astype(np.uint8) * 255).resize(
-        (gw, gh), Image.Resampling.NEAREST
-    )
-    base = Image.fromarray(thumbnail).convert("RGB")
-    layer = base.copy()
-    layer.paste(color, (0, 0), known)
-    out = Image.blend(base, layer, alpha)
+    # opacity grows with the probability, so low-probability tissue stays visible
+    opacity = np.where(np.isfinite(grid), (0.35 + 0.65 * np.nan_to_num(grid)) * alpha * 255, 0)
+    known = Image.fromarray(opacity.astype(np.uint8)).resize((gw, gh), Image.Resampling.NEAREST)
+    out = Image.fromarray(thumbnail).convert("RGB")
+    out.paste(color, (0, 0), known)
     legend_w = 70
     canvas = Image.new("RGB", (w + legend_w, max(h, 160)), "white")
     canvas.paste(out, (0, 0))

@@ -62,9 +62,11 @@ def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.nda
     if method == "majority":
         votes = np.bincount(probs.argmax(1), minlength=probs.shape[1])
         return votes / votes.sum()
-    if method == "topk":
+    if method == "topk":  # "is there enough of class c anywhere": top-k tile mean per class
         k = max(1, min(topk, len(probs)))
         top = np.sort(probs, axis=0)[-k:].mean(0)
+        if probs.shape[1] == 2:  # binary: the positive class decides, the negative is 1 - p
+            return np.array([1.0 - top[1], top[1]])
         return top / top.sum()
     raise ConfigError(f"aggregate must be mean, majority or topk, got {method!r}")
 

@@ -35,8 +35,8 @@ def split_by_patient(
     """Assign whole patients to splits in the given proportions, stratified by label.
 
     A patient's label is the most common label of its slides; patients of each label are
-    shuffled with ``seed`` and cut by the cumulative fractions. Slides that already name a
-    ``split`` in the cohort keep it (all slides of their patient follow the first named split).
+    shuffled with ``seed`` and cut by the cumulative fractions. Slides whose cohort ``split``
+    column names one of the requested splits keep it (all slides of their patient follow).
     """
     if not fractions:
         raise ConfigError("no splits given")
@@ -46,9 +46,9 @@ def split_by_patient(
     out: dict[str, list[SlideEntry]] = {name: [] for name in fractions}
     strata: dict[str | None, list[str]] = defaultdict(list)
     for patient, entries in sorted(by_patient.items()):
-        fixed = next((e.split for e in entries if e.split), None)
+        fixed = next((e.split for e in entries if e.split in fractions), None)
         if fixed is not None:
-            out.setdefault(fixed, []).extend(entries)
+            out[fixed].extend(entries)
             continue
         label = Counter(e.label for e in entries).most_common(1)[0][0]
         strata[label].append(patient)

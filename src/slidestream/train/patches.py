@@ -286,7 +286,7 @@ class _Trainer:
             w.writeheader()
             w.writerows(self.history)
         metric = row.get(f"val_{self.cfg.best_metric}", -row["train_loss"])
-        is_best = math.isfinite(metric) and metric > self.best
+        is_best = math.isfinite(metric) and metric >= self.best  # ties: the later epoch
         self.best = max(self.best, metric) if math.isfinite(metric) else self.best
         state = self._state()
         save_checkpoint(self.run / "last.pt", state)

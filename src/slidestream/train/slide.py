@@ -203,4 +203,5 @@ def average_states(paths: list[Path]) -> dict[str, torch.Tensor]:
 def is_better(metric: str, value: float, best: float) -> bool:
     if not math.isfinite(value):
         return False
-    return value < best if metric.endswith("loss") or metric == "mae" else value > best
+    # ties go to the later epoch: equal ranking metrics, but longer training
+    return value <= best if metric.endswith("loss") or metric == "mae" else value >= best
