@@ -28,15 +28,21 @@ def test_demo_report_and_held_out_auc(demo):
         m = held_out_metrics(demo / name)
         assert m["slides"] >= 4 and m["auc"] >= 0.8, (name, m)
     imgs = {p.name for p in (demo / "report" / "img").iterdir()}
-    assert any(n.endswith(".heatmap.png") for n in imgs) and any(n.endswith(".qc.png")
-                                                                  for n in imgs)
+    assert any(n.endswith(".heatmap.png") for n in imgs) and any(
+        n.endswith(".qc.png") for n in imgs
+    )
 
 
 def test_tumour_regions_score_higher_than_normal_tissue(demo):
-    tumour_slides = [p for p in (demo / "predict").glob("*.heatmap.npy")
-                     if (demo / "slides" / f"{p.name.split('.')[0]}.tumour.png").exists()
-                     and json.loads((demo / "slides" / f"{p.name.split('.')[0]}.truth.json")
-                                    .read_text())["tumour_fraction"] > 0]
+    tumour_slides = [
+        p
+        for p in (demo / "predict").glob("*.heatmap.npy")
+        if (demo / "slides" / f"{p.name.split('.')[0]}.tumour.png").exists()
+        and json.loads((demo / "slides" / f"{p.name.split('.')[0]}.truth.json").read_text())[
+            "tumour_fraction"
+        ]
+        > 0
+    ]
     assert tumour_slides
     for npy in tumour_slides:
         stem = npy.name.split(".")[0]

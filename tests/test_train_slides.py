@@ -197,3 +197,22 @@ def test_learns_tumour_from_slide_labels(tmp_path):
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
     assert float(rows[-1]["val_auc"]) >= 0.9
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_predict_with_streaming_checkpoint(prepared, tmp_path):
+    import json
+
+    import numpy as np
+
+    run = train_slides(_cfg(prepared, tmp_path, name="pred"))
+    src = load_cohort(prepared)
+    slide = src.slides[1].path  # a prepared slide (4 µm/px)
+    out = tmp_path / "out"
+    assert main(["predict", str(run / "last.pt"), str(slide), "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    assert rows[0]["call"] in ("normal", "tumour")
+    assert abs(float(rows[0]["p_normal"]) + float(rows[0]["p_tumour"]) - 1) < 1e-4
+    grid = np.load(out / f"{slide.stem}.heatmap.npy")
+    assert grid.ndim == 3 and np.nanmax(grid) == pytest.approx(1.0)
+    assert (out / f"{slide.stem}.heatmap.png").exists()
+    assert json.loads((out / f"{slide.stem}.geojson").read_text())["type"] == "FeatureCollection"

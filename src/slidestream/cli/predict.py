@@ -50,20 +50,28 @@ def run(args: argparse.Namespace) -> int:
 
     from slidestream.errors import SlideStreamError
     from slidestream.infer import PatchPredictor
+    from slidestream.infer.saliency import StreamingPredictor
     from slidestream.sampling import load_cohort
+    from slidestream.train.checkpoint import load_checkpoint
 
     cohort = load_cohort(args.slides[0] if len(args.slides) == 1 else args.slides)
     for problem in cohort.problems:
         error_line("predict", f"{problem} (skipped)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     entries = cohort.slides[rank::world]
-    predictor = PatchPredictor(
-        args.checkpoint,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        min_tissue=args.min_tissue,
-    )
+    kind = load_checkpoint(args.checkpoint)["kind"]
+    if kind == "streaming":
+        predictor = StreamingPredictor(args.checkpoint, device=args.device)
+        extra = {}
+    else:
+        predictor = PatchPredictor(
+            args.checkpoint,
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            min_tissue=args.min_tissue,
+        )
+        extra = {"aggregate_by": args.aggregate, "topk": args.topk, "geojson": args.geojson}
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], len(cohort.problems)
     for entry in tqdm(entries, desc="predict", unit="slide", disable=rank != 0):
@@ -73,11 +81,9 @@ def run(args: argparse.Namespace) -> int:
                 args.out,
                 backend=args.backend,
                 slide_mpp=entry.mpp or args.slide_mpp,
-                aggregate_by=args.aggregate,
-                topk=args.topk,
                 threshold=args.threshold,
-                geojson=args.geojson,
                 target=args.target,
+                **extra,
             )
         except SlideStreamError as exc:
             error_line("predict", f"{entry.path}: {exc} (skipped)")
