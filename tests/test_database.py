@@ -171,3 +171,31 @@ def test_patches_cli(cohort, tmp_path, capsys):
         == 0
     )
     assert "already in the database" in capsys.readouterr().out
+
+
+def test_database_from_real_svs_and_generated_slides(shared_data, slides, tmp_path):
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_text(
+        f"slide,label,patient\n{shared_data / 'cmu_small_region.svs'},skin,pA\n"
+        f"{slides['pyramid']},synthetic,pB\n{slides['small']},synthetic,pC\n"
+    )
+    build = build_patch_databases(
+        load_cohort(csv_path),
+        tmp_path / "db.h5",
+        GridPatchSampler(64, mpp=2.0, min_tissue=0.5),
+        split={"train": 0.5, "val": 0.5},
+        seed=1,
+        progress=False,
+    )
+    patients = []
+    for path in build.files.values():
+        with h5py.File(path, "r") as h5:
+            labels = h5["label"][:]
+            counts = json.loads(h5.attrs["class_counts"])
+            assert counts == {
+                "skin": int((labels == 0).sum()),
+                "synthetic": int((labels == 1).sum()),
+            }
+            patients.append({p.decode() for p in h5["patient"][:]})
+    assert not (patients[0] & patients[1])
+    assert sum(build.patches.values()) > 40
