@@ -335,6 +335,10 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
+        if torch.is_grad_enabled():
+            raise StreamingError(
+                "double backward (create_graph=True) through a StreamingModule is not supported"
+            )
         (x,) = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
         params = [p for p in run.module.trunk.parameters() if p.requires_grad]
