@@ -302,3 +302,11 @@ def test_staged_streaming_checks_arguments():
         StagedStreamingModule(trunk, 16, ["nope"])
     with pytest.raises(StreamingError, match="tile_size must be a multiple of 8, got 12"):
         StagedStreamingModule(trunk, 12, ["3"])(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+
+
+def test_double_backward_is_refused():
+    trunk = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1)).double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    out = StreamingModule(trunk, 8)(x)
+    with pytest.raises(StreamingError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)

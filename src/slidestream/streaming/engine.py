@@ -5,6 +5,12 @@ feature map. Backward (a custom autograd Function that takes the trunk's trainab
 as inputs) recomputes each crop with grad enabled and backpropagates only that tile's slice of
 the output gradient; the per-tile parameter (and input) gradients are summed. Because each
 tile's core depends only on its crop, the result equals ``trunk(x)`` and its gradients.
+
+Crops that are entirely background share one computation per crop shape (identical inputs give
+identical outputs); their output gradients are summed and backpropagated once for the
+parameters. :class:`StagedStreamingModule` streams a deep trunk in stages over stitched
+intermediate maps, which cuts the recomputation that wide receptive fields cause.
+benchmarks/streaming.py measures both against conventional backprop.
 """
 
 from __future__ import annotations
@@ -329,6 +335,10 @@ class _StreamFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
+        if torch.is_grad_enabled():
+            raise StreamingError(
+                "double backward (create_graph=True) through a StreamingModule is not supported"
+            )
         (x,) = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
         params = [p for p in run.module.trunk.parameters() if p.requires_grad]
