@@ -145,28 +145,22 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, workers: int = 2)
     _write_split(out / "prepared" / "prepared.csv", test_csv, "test")
     evaluate_slides(slide_run / "best.pt", test_csv, out / "predict_slide")
     _say("building a patch database from the annotations and training a patch classifier")
-    db = build_patch_databases(
-        cohort.split("train"),
-        out / "patches" / "db.h5",
-        GridPatchSampler(64, 1.0, min_tissue=0.5),
-        labels="annotations",
-        seed=s.seed,
-        progress=False,
-        mask_dir=out / "tissue" / "masks",
-    )
-    val_db = build_patch_databases(
-        cohort.split("val"),
-        out / "patches" / "val.h5",
-        GridPatchSampler(64, 1.0, min_tissue=0.5),
-        labels="annotations",
-        seed=s.seed,
-        progress=False,
-        mask_dir=out / "tissue" / "masks",
-    )
+    db = {
+        split: build_patch_databases(
+            cohort.split(split),
+            out / "patches" / f"{split}.h5",
+            GridPatchSampler(64, 1.0, min_tissue=0.5),
+            labels="annotations",
+            seed=s.seed,
+            progress=False,
+            mask_dir=out / "tissue" / "masks",
+        ).files["all"]
+        for split in ("train", "val")
+    }
     patch_run = train_patches(
         PatchTrainConfig(
-            data=str(db.files["all"]),
-            val_data=str(val_db.files["all"]),
+            data=str(db["train"]),
+            val_data=str(db["val"]),
             model="resnet18",
             epochs=s.patch_epochs,
             steps_per_epoch=s.patch_steps,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_slide_options", "error_line", "positive_float"]
+__all__ = ["add_backend_option", "add_slide_options", "error_line", "positive_float"]
 
 
 def positive_float(text: str) -> float:
@@ -18,13 +18,17 @@ def positive_float(text: str) -> float:
     return value
 
 
-def add_slide_options(parser: argparse.ArgumentParser) -> None:
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="auto",
         choices=["auto", "pyvips", "tiffslide", "openslide", "image"],
         help="slide reader (default: auto, the fastest that opens the file)",
     )
+
+
+def add_slide_options(parser: argparse.ArgumentParser) -> None:
+    add_backend_option(parser)
     parser.add_argument(
         "--mpp",
         type=positive_float,

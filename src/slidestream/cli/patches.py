@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import error_line, positive_float
+from slidestream.cli._common import add_backend_option, error_line, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-tissue", type=float, default=0.5)
     p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
     p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
-    )
+    add_backend_option(p)
     p.set_defaults(func=run)
 
 

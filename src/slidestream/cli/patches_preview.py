@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import error_line, positive_float
+from slidestream.cli._common import add_backend_option, error_line, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="otsu", choices=["otsu", "hsv"], help="tissue detector")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--columns", type=int, default=8, help="grid columns (8)")
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
-    )
+    add_backend_option(p)
     p.add_argument(
         "--slide-mpp",
         type=positive_float,

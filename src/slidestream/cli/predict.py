@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import error_line, positive_float
+from slidestream.cli._common import add_backend_option, error_line, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="target", default=None, help="class shown in the heatmap")
     p.add_argument("--min-tissue", type=float, default=0.25)
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
-    )
+    add_backend_option(p)
     p.add_argument(
         "--slide-mpp",
         type=positive_float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import error_line, positive_float
+from slidestream.cli._common import add_backend_option, error_line, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keep-empty", action="store_true", help="keep empty rows/columns between tissue pieces"
     )
     p.add_argument("--margin-um", type=float, default=64.0, help="margin around tissue (64 µm)")
-    p.add_argument(
-        "--backend", default="auto", choices=["auto", "pyvips", "tiffslide", "openslide", "image"]
-    )
+    add_backend_option(p)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "resolve_device"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,3 +28,10 @@ def normalize(
     s = torch.as_tensor(std, dtype=dtype, device=x.device).view(-1, 1, 1)
     x = x.sub_(m).div_(s)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

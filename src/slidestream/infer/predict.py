@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from slidestream.data.functional import normalize
+from slidestream.data.functional import normalize, resolve_device
 from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
 from slidestream.infer.heatmap import heatmap_overlay
@@ -90,9 +90,7 @@ class PatchPredictor:
         self.mpp, self.size = ckpt.get("mpp"), int(ckpt["patch_size"])
         norm = ckpt.get("normalization") or {}
         self.mean, self.std = norm.get("mean"), norm.get("std")
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = resolve_device(device)
         self.model = create_classifier(ckpt["model"]["name"], len(self.classes))
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(self.device).eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, write_geojson
 from slidestream.infer.heatmap import heatmap_overlay
@@ -35,7 +36,7 @@ class StreamingPredictor:
         checkpoint: str | os.PathLike[str],
         *,
         device: str = "auto",
-        heatmap_downsample: int = 8,
+        heatmap_downsample: int | None = None,
         smooth_px: float = 2.0,
     ) -> None:
         ckpt = load_checkpoint(checkpoint)
@@ -44,9 +45,7 @@ class StreamingPredictor:
         self.mpp = ckpt.get("mpp")
         if not self.mpp:
             raise ConfigError(f"{checkpoint} records no mpp; retrain with prepared slides")
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = resolve_device(device)
         self.model.to(self.device).eval()
         # heatmap cells of ``heatmap_downsample`` model pixels (default: about 128 cells across)
         self.downsample, self.smooth_px = heatmap_downsample, smooth_px

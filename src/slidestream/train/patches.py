@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from slidestream.data import PatchStream, default_augmentation, normalize
-from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
+from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 from slidestream.data.hdf5 import PatchDatabase
 from slidestream.data.preview import patch_grid
 from slidestream.errors import ConfigError
@@ -95,12 +95,6 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
     return _Data(train, val, train.classes, counts, cfg.size, cfg.mpp, True)
 
 
-def _device(cfg: PatchTrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _loaders(cfg: PatchTrainConfig, data: _Data) -> tuple[DataLoader, DataLoader | None]:
     common = {
         "batch_size": cfg.batch_size,
@@ -129,7 +123,7 @@ def train_patches(cfg: PatchTrainConfig) -> Path:
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg)
-    device = _device(cfg)
+    device = resolve_device(cfg.device)
     model = create_classifier(cfg.model, len(data.classes), cfg.weights).to(device)
     opt = (
         torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
+from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 from slidestream.data.slides import SlideImageDataset
 from slidestream.errors import ConfigError
 from slidestream.train.checkpoint import load_checkpoint, save_checkpoint
@@ -51,9 +51,7 @@ class _Loop:
         self.run = run_dir(cfg)
         torch.manual_seed(cfg.seed)
         self.train_ds, self.val_ds, self.classes = slide_datasets(cfg)
-        self.device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        )
+        self.device = resolve_device(cfg.device)
         self.model = build_model(cfg, self.classes).to(self.device)
         trunk = list(self.model.stream.parameters())
         self.opt = self._optimizer(trunk, list(self.model.fc.parameters()))
@@ -302,7 +300,7 @@ def evaluate_slides(checkpoint: str | Path, data: str | Path, out: str | Path) -
     """``--only-eval``: write predictions.csv (slide, label, probabilities or value)."""
     ckpt = load_checkpoint(checkpoint)
     model, cfg = load_slide_model(ckpt)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     from slidestream.sampling import load_cohort
 
     cohort = load_cohort(str(data))
