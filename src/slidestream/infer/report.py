@@ -111,6 +111,8 @@ def _run_section(root: Path, run: Path, img: Path) -> str:
 
 
 def _num(text: str) -> Any:
+    if text.isdigit():
+        return int(text)
     try:
         return float(text)
     except ValueError:

@@ -33,7 +33,7 @@ def confusion_image(
                 f"{int(m[i, j])}",
                 fill=(255, 255, 255) if v > 0.6 else (0, 0, 0),
             )
-    draw.text((label_w, top + n * cell + 8), "predicted → (rows: true)", fill=(0, 0, 0))
+    draw.text((label_w, top + n * cell + 8), "columns: predicted, rows: true", fill=(0, 0, 0))
     return np.asarray(img)
 
 
@@ -62,5 +62,5 @@ def curves_image(
         for p in pts:
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
         draw.text((right + 10, top + 16 * k), f"{name} [{lo:.3g}, {hi:.3g}]", fill=color)
-    draw.text((left, bottom + 8), "epoch →", fill=(0, 0, 0))
+    draw.text((left, bottom + 8), "epoch", fill=(0, 0, 0))
     return np.asarray(img)
