@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         w.writerows(rows)
     if world > 1:
         _merge_ranks(args.out, rank, world)
-    print(f"{len(rows)} slides predicted -> {args.out / 'predictions.csv'}")
+    if rank == 0:
+        total = len((args.out / "predictions.csv").read_text().splitlines()) - 1
+        print(f"{total} slides predicted -> {args.out / 'predictions.csv'}")
     return 1 if failed else 0
 
 
