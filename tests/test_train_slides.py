@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,20 @@ def test_predict_with_streaming_checkpoint(prepared, tmp_path):
     assert grid.ndim == 3 and np.nanmax(grid) == pytest.approx(1.0)
     assert (out / f"{slide.stem}.heatmap.png").exists()
     assert json.loads((out / f"{slide.stem}.geojson").read_text())["type"] == "FeatureCollection"
+
+
+def test_unreadable_slides_are_skipped_and_listed(prepared, tmp_path):
+    import json
+
+    lines = prepared.read_text().splitlines()
+    good = lines[1].split(",")
+    broken = tmp_path / "broken.tiff"
+    data = Path(good[0]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    bad_row = ",".join([str(broken), *good[1:]])
+    csv_path = tmp_path / "with_bad.csv"
+    csv_path.write_text("\n".join([*lines, bad_row]) + "\n")
+    run = train_slides(_cfg(csv_path, tmp_path, name="skip"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["skipped_slides"]) == [str(broken)]
+    assert list((run / "tensorboard").glob("events.*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import time
@@ -14,7 +15,7 @@ import torch
 
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 from slidestream.data.slides import SlideImageDataset
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.train.checkpoint import load_checkpoint, save_checkpoint
 from slidestream.train.config import config_dict, save_config
 from slidestream.train.metrics import classification_metrics, regression_metrics
@@ -56,6 +57,9 @@ class _Loop:
         trunk = list(self.model.stream.parameters())
         self.opt = self._optimizer(trunk, list(self.model.fc.parameters()))
         self.epoch, self.best, self.history = 0, -math.inf, []
+        self.skipped: dict[str, str] = {}
+        self.confusion: list[list[int]] | None = None
+        self.tb: Any = None
         if cfg.best_metric.endswith("loss") or cfg.best_metric == "mae":
             self.best = math.inf
         self.scaler = torch.amp.GradScaler(
@@ -114,6 +118,8 @@ class _Loop:
             self.barrier()
         if self.rank == 0 and self.cfg.average_window > 0:
             self.average()
+        if self.rank == 0:
+            self.write_summary()
 
     def train_epoch(self, epoch: int) -> float:
         from tqdm import tqdm
@@ -139,13 +145,26 @@ class _Loop:
             mine = window[self.rank :: self.world][:per_rank]
             self.opt.zero_grad(set_to_none=True)
             for i in mine:
-                total += self.backward_one(ds[int(i)])
-                seen += 1
+                item = self.load(ds, int(i))
+                if item is not None:
+                    total += self.backward_one(item)
+                    seen += 1
             self.all_reduce_grads()
             self.scaler.step(self.opt)
             self.scaler.update()
             bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
         return total / max(seen, 1)
+
+    def load(self, ds: SlideImageDataset, i: int) -> dict[str, Any] | None:
+        """Item ``i``, or None (logged, listed in summary.json) if its slide cannot be read."""
+        try:
+            return ds[i]
+        except SlideStreamError as exc:
+            path = str(ds.cohort.slides[i].path)
+            if path not in self.skipped:
+                log.warning("skipping %s: %s", path, exc)
+            self.skipped[path] = " ".join(str(exc).split())
+            return None
 
     def backward_one(self, item: dict[str, Any]) -> float:
         x = item["image"][None].to(self.device)
@@ -175,11 +194,14 @@ class _Loop:
 
     @torch.no_grad()
     def validate(self, model: SlideClassifier) -> dict[str, Any]:
-        out, targets = infer(model, self.val_ds, self.cfg.task, self.device)
-        return metrics_for(self.cfg.task, targets, out, len(self.classes))
+        out, targets = infer(model, self.val_ds, self.cfg.task, self.device, self.load)
+        metrics = metrics_for(self.cfg.task, targets, out, len(self.classes))
+        self.confusion = metrics.get("confusion")
+        return metrics
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         self.history.append(row)
+        self.tensorboard(row)
         keys = list(dict.fromkeys(k for r in self.history for k in r))
         with open(self.run / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, keys)
@@ -207,6 +229,36 @@ class _Loop:
             ),
             flush=True,
         )
+
+    def tensorboard(self, row: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from slidestream.train.plots import confusion_image
+
+        if self.tb is None:
+            self.tb = SummaryWriter(str(self.run / "tensorboard"))
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, float) and math.isfinite(v):
+                self.tb.add_scalar(k.replace("_", "/", 1), v, int(row["epoch"]))
+        if self.confusion is not None and self.classes:
+            img = confusion_image(self.confusion, self.classes)
+            self.tb.add_image("val/confusion", img, int(row["epoch"]), dataformats="HWC")
+        self.tb.flush()
+
+    def write_summary(self) -> None:
+        summary = {
+            "epochs": self.epoch,
+            "best_metric": self.best,
+            "best_metric_name": self.cfg.best_metric,
+            "skipped_slides": self.skipped,
+        }
+        (self.run / "summary.json").write_text(json.dumps(summary, indent=1))
+        if self.skipped:
+            print(
+                f"{len(self.skipped)} slides could not be read and were skipped "
+                f"(see {self.run / 'summary.json'})",
+                flush=True,
+            )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -256,12 +308,19 @@ def _cohort_mpp(ds: SlideImageDataset) -> float | None:
 
 @torch.no_grad()
 def infer(
-    model: SlideClassifier, ds: SlideImageDataset, task: str, device: torch.device
+    model: SlideClassifier,
+    ds: SlideImageDataset,
+    task: str,
+    device: torch.device,
+    load: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions and targets of every readable item (``load(ds, i)`` may return None)."""
     model.eval()
     out, targets = [], []
     for i in range(len(ds)):
-        item = ds[i]
+        item = load(ds, i) if load is not None else ds[i]
+        if item is None:
+            continue
         out.append(predictions(task, model(item["image"][None].to(device))).cpu().numpy()[0])
         targets.append(item["target"].numpy())
     model.train()
