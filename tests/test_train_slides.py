@@ -234,3 +234,59 @@ def test_unreadable_slides_are_skipped_and_listed(prepared, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["skipped_slides"]) == [str(broken)]
     assert list((run / "tensorboard").glob("events.*"))
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_epochs(prepared, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidestream",
+        "train",
+        "--data",
+        str(prepared),
+        "--model",
+        "resnet18",
+        "--stream-until",
+        "layer1",
+        "--image-size",
+        "128",
+        "--tile-size",
+        "128",
+        "--epochs",
+        "3",
+        "--epoch-multiply",
+        "8",
+        "--accumulate",
+        "2",
+        "--workers",
+        "0",
+        "--augmentation",
+        "false",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "killed",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    metrics = tmp_path / "killed" / "metrics.csv"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be killed"
+        time.sleep(0.2)  # into epoch 2
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # no half-written checkpoint
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = list(csv.DictReader(metrics.read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
