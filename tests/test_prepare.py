@@ -64,3 +64,11 @@ def test_prepare_packs_tissue_and_resumes(slides, tmp_path):
 def test_prepare_cli(slides, tmp_path, capsys):
     code = main(["prepare", str(slides["small"]), "--mpp", "2.0", "--out", str(tmp_path)])
     assert code == 0 and "1 slides prepared" in capsys.readouterr().out
+
+
+def test_prepared_csv_works_from_a_relative_folder(slides, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = prepare_cohort(load_cohort([slides["small"]]), "rel", 2.0, workers=1, progress=False)
+    assert not res.failures
+    cohort = load_cohort("rel/prepared.csv")
+    assert len(cohort) == 1 and cohort.slides[0].path.is_file() and not cohort.problems

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -225,7 +224,7 @@ def test_unreadable_slides_are_skipped_and_listed(prepared, tmp_path):
     lines = prepared.read_text().splitlines()
     good = lines[1].split(",")
     broken = tmp_path / "broken.tiff"
-    data = Path(good[0]).read_bytes()
+    data = (prepared.parent / good[0]).read_bytes()
     broken.write_bytes(data[: len(data) // 2])
     bad_row = ",".join([str(broken), *good[1:]])
     csv_path = tmp_path / "with_bad.csv"

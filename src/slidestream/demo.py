@@ -109,7 +109,7 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, workers: int = 2)
 
     torch.set_num_threads(1)
     s = DemoSettings.fast() if fast else DemoSettings()
-    out = Path(out)
+    out = Path(out).resolve()  # the CSVs written below hold absolute paths
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     _say(f"generating {s.slides} synthetic slides ({s.size}x{s.size} px, {s.mpp} µm/px)")

@@ -135,14 +135,14 @@ def prepare_slide(
     thumb.thumbnail((512, 512))
     thumb.save(out_dir / f"{stem}.thumb.png")
     row = {
-        "slide": str(tiff),
+        "slide": tiff.name,  # relative to prepared.csv, so the folder can move
         "label": entry.label or "",
         "patient": entry.patient_id,
         "split": entry.split or "",
         "mpp": mpp,
         "width": w,
         "height": h,
-        "source": str(entry.path),
+        "source": str(entry.path.resolve()),
     }
     meta = {
         "row": row,
