@@ -78,7 +78,10 @@ def test_train_resume_and_only_eval(prepared, tmp_path):
 def test_bad_labels_are_rejected_with_the_row(prepared, tmp_path):
     bad = tmp_path / "bad.csv"
     lines = prepared.read_text().splitlines()
-    bad.write_text("\n".join([lines[0], lines[1], lines[2].replace("tumour", "")]) + "\n")
+    rows = [
+        f"{prepared.parent / line.split(',')[0]},{line.split(',', 1)[1]}" for line in lines[1:3]
+    ]
+    bad.write_text("\n".join([lines[0], rows[0], rows[1].replace("tumour", "")]) + "\n")
     with pytest.raises(ss.ConfigError, match="line 3"):
         train_slides(_cfg(bad, tmp_path, task="binary"))
 
