@@ -165,6 +165,10 @@ class PatchDatabase(Dataset):
         import h5py
 
         self.path, self.transform = Path(path), transform
+        if not self.path.is_file():
+            raise SlideStreamError(
+                f"patch database not found: {self.path} (build it with slidestream patches)"
+            )
         try:
             with h5py.File(self.path, "r") as h5:
                 self.classes = json.loads(h5.attrs["classes"])
