@@ -44,6 +44,7 @@ __all__ = ["PatchStream", "default_mask_dir"]
 log = logging.getLogger(__name__)
 
 _PATCHES, _OPENED, _FAILED, _DROPPED = range(4)
+_MASKS_KEPT = 64  # tissue masks kept in memory per worker
 
 
 def default_mask_dir() -> Path:
@@ -87,7 +88,7 @@ class PatchStream(IterableDataset):
         transform: Callable[[torch.Tensor], Any] | None = None,
         views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
         patches_per_visit: int = 16,
-        pool_size: int = 4,
+        pool_size: int = 16,
         patches_per_slide: int | None = None,
         balance: str | Mapping[str, float] | None = None,
         tissue: str | TissueDetector = "otsu",
@@ -245,6 +246,8 @@ class _Run:
         self.stream, self.rng = stream, rng
         self.states: OrderedDict[int, _SlideState] = OrderedDict()
         self.failures: dict[int, int] = {}
+        # masks outlive the open-slide pool: a slide that comes back needs no mask reload
+        self.masks: OrderedDict[int, TissueMask] = OrderedDict()
 
     def endless(self, indices: list[int]) -> Iterator[dict[str, Any]]:
         """Visit slides drawn by weight; the open ones stay in an LRU pool of ``pool_size``."""
@@ -302,7 +305,12 @@ class _Run:
         st, entry = self.stream, self.stream.cohort.slides[index]
         try:
             slide = open_slide(entry.path, backend=st.backend, mpp=entry.mpp)
-            mask = detect_tissue(slide, st.tissue, cache_dir=st.mask_dir)
+            mask = self.masks.pop(index, None) or detect_tissue(
+                slide, st.tissue, cache_dir=st.mask_dir
+            )
+            self.masks[index] = mask
+            while len(self.masks) > _MASKS_KEPT:
+                self.masks.popitem(last=False)
             ann = load_annotations(entry.annotations) if entry.annotations else None
         except SlideStreamError as exc:
             self.fail(index, exc)
