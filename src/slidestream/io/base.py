@@ -22,7 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from slidestream.errors import ConfigError, MissingMppError, SlideReadError
+from slidestream.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    MissingMppError,
+    SlideReadError,
+)
 from slidestream.types import SlideInfo
 
 __all__ = ["Slide", "LevelLayout", "RESAMPLE_FILTERS", "snap_downsample", "plausible_mpp"]
@@ -41,6 +46,18 @@ _FILTER_SUPPORT = {"nearest": 0.5, "box": 0.5, "bilinear": 1.0, "bicubic": 2.0, 
 # Above this many level pixels a scaled read is done in horizontal bands to bound memory.
 _BAND_PIXELS = 4096 * 4096
 _MPP_RANGE = (0.01, 100.0)  # plausible microns per pixel for a slide scan
+
+
+def import_backend(module: str, install: str) -> Any:
+    """Import a reader library, or raise BackendUnavailableError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as exc:  # OSError: a shared library failed to load
+        raise BackendUnavailableError(
+            f"{module} is not usable ({exc}); install it with: pip install {install}"
+        ) from exc
 
 
 def plausible_mpp(value: Any) -> float | None:

@@ -9,20 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from slidestream.errors import BackendUnavailableError, SlideOpenError
-from slidestream.io.base import LevelLayout, Slide, plausible_mpp
+from slidestream.errors import SlideOpenError
+from slidestream.io.base import LevelLayout, Slide, import_backend, plausible_mpp
 
 __all__ = ["OpenSlideSlide"]
 
 
 def _import() -> Any:
-    try:
-        import openslide
-    except (ImportError, OSError) as exc:
-        raise BackendUnavailableError(
-            f"openslide is not usable ({exc}); install it with: pip install openslide-python openslide-bin"
-        ) from exc
-    return openslide
+    return import_backend("openslide", "openslide-python openslide-bin")
 
 
 class OpenSlideSlide(Slide):

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from slidestream.errors import BackendUnavailableError, SlideOpenError
-from slidestream.io.base import LevelLayout, Slide
+from slidestream.errors import SlideOpenError
+from slidestream.io.base import LevelLayout, Slide, import_backend
 from slidestream.io.tiffslide import TiffSlideSlide
 
 __all__ = ["PyvipsSlide"]
@@ -23,13 +23,7 @@ _SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32773, 32946, 50000, 50001}
 
 
 def _import() -> Any:
-    try:
-        import pyvips
-    except (ImportError, OSError) as exc:
-        raise BackendUnavailableError(
-            f"pyvips is not usable ({exc}); install it with: pip install pyvips pyvips-binary"
-        ) from exc
-    return pyvips
+    return import_backend("pyvips", "pyvips pyvips-binary")
 
 
 @dataclass

@@ -11,20 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from slidestream.errors import BackendUnavailableError, SlideOpenError
-from slidestream.io.base import LevelLayout, Slide, plausible_mpp
+from slidestream.errors import SlideOpenError
+from slidestream.io.base import LevelLayout, Slide, import_backend, plausible_mpp
 
 __all__ = ["TiffSlideSlide"]
 
 
 def _import() -> Any:
-    try:
-        import tiffslide
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"tiffslide is not usable ({exc}); install it with: pip install tiffslide"
-        ) from exc
-    return tiffslide
+    return import_backend("tiffslide", "tiffslide")
 
 
 class TiffSlideSlide(Slide):
