@@ -182,6 +182,25 @@ def test_flip_rot90_and_hed_jitter():
         HEDJitter()(x.float())
 
 
+
+def test_hed_jitter_matches_skimage_round_trip():
+    """The fused float32 transform equals rgb2hed -> scale/shift -> hed2rgb in float64 (skimage's
+    convention with I + 1 / 256) to within one grey level."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    x = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    jitter = HEDJitter(0.2, 0.1)
+    torch.manual_seed(3)
+    y = jitter(x)
+    torch.manual_seed(3)
+    draw = torch.rand(6, dtype=torch.float64).numpy() * 2 - 1
+    alpha, beta = 1 + draw[:3] * 0.2, draw[3:] * 0.1
+    rgb = x.permute(1, 2, 0).reshape(-1, 3).double().numpy()
+    hed = -np.log((rgb + 1) / 256) @ hed_from_rgb * alpha + beta
+    ref = np.clip(np.exp(-(hed @ rgb_from_hed)) * 256 - 1, 0, 255)
+    got = y.permute(1, 2, 0).reshape(-1, 3).double().numpy()
+    assert np.abs(got - ref).max() <= 1.0
+
 def test_stain_normalize(slides):
     target = open_slide(slides["pyramid"]).read(900, 700, 128, 128)
     src = torch.from_numpy(open_slide(slides["odd"]).read(1500, 1000, 64, 64)).permute(2, 0, 1)

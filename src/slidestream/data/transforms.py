@@ -71,7 +71,8 @@ class HEDJitter(v2.Transform):
                 f"{inpt.dtype}; put it before ToDtype/Normalize"
             )
         shape = inpt.shape
-        log_i = torch.log1p(inpt.reshape(-1, 3, shape[-2] * shape[-1]).float())
+        # log(I + 1) rather than log1p: torch's log is vectorised, its log1p ~15x slower on CPU
+        log_i = inpt.reshape(-1, 3, shape[-2] * shape[-1]).float().add_(1.0).log_()
         od = torch.matmul(params["matrix"], log_i).sub_(params["offset"])  # = -od'
         # 256 * exp(-od') - 1, rounded: +0.5 then truncation
         rgb = od.exp_().mul_(256.0).sub_(0.5).clamp_(0, 255)

@@ -1,0 +1,148 @@
+"""Acceptance run of streamed whole-slide training: learn a slide label end to end, survive kill -9.
+
+Generates a cohort of ``--slides`` synthetic slides (``--size``² at 0.5 µm/px; tumour-texture
+regions in every other slide, about 15% of the tissue), runs ``slidestream prepare --mpp 2``, then
+``slidestream train`` (ResNet-18 from random init, whole trunk streamed, 2048² images at 2 µm/px,
+tile 1024, CPU). During epoch 2 the training process is killed with SIGKILL; the same command is
+run again and must resume from the last complete checkpoint and finish with exactly ``--epochs``
+rows in ``metrics.csv``. Finally ``--only-eval`` writes predictions for every slide.
+
+The last line is JSON: ``val_auc`` (last epoch), ``best_val_auc``, ``epochs`` (rows in
+metrics.csv), ``resumed`` (the second run started after epoch 1), ``killed_in_epoch``,
+``predictions`` (rows of --only-eval), ``train_s`` and the settings.
+
+    python benchmarks/slide_training.py [--slides 40] [--size 8192] [--epochs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _write(args: tuple[str, int, int, bool]) -> str:
+    from slidestream.synthetic import write_synthetic_slide
+
+    path, size, seed, tumour = args
+    if not Path(path).exists():
+        write_synthetic_slide(path, size, size, mpp=0.5, seed=seed, tumour=tumour)
+    return path
+
+
+def make_cohort(folder: Path, n: int, size: int, val: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"slide_{i:02d}.tiff"), size, 7000 + i, i % 2 == 1) for i in range(n)]
+    log(f"generating {n} slides of {size}² (cached in {folder}) ...")
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_write, jobs))
+    rows = ["slide,label,patient,split"]
+    for i, (path, _, _, tumour) in enumerate(jobs):
+        split = "val" if i >= n - val else "train"
+        rows.append(f"{path},{'tumour' if tumour else 'normal'},p{i:02d},{split}")
+    cohort = folder / "cohort.csv"
+    cohort.write_text("\n".join(rows) + "\n")
+    return cohort
+
+
+def metric_rows(run: Path) -> list[dict[str, str]]:
+    f = run / "metrics.csv"
+    if not f.exists():
+        return []
+    return list(csv.DictReader(f.read_text().splitlines()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slides", type=int, default=40)
+    ap.add_argument("--val", type=int, default=8, help="validation slides (8)")
+    ap.add_argument("--size", type=int, default=8192, help="level-0 side at 0.5 µm/px (8192)")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--kill-after", type=float, default=60.0, help="seconds into epoch 2 (60)")
+    ap.add_argument("--out", default=str(HERE / "_data" / "slide_training"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    cohort = make_cohort(out / f"cohort_{args.slides}_{args.size}", args.slides, args.size, args.val)
+    exe = [sys.executable, "-m", "slidestream"]
+    prep = out / "prepared"
+    t0 = time.perf_counter()
+    subprocess.run([*exe, "prepare", str(cohort), "--mpp", "2", "--out", str(prep)], check=True)
+    log(f"prepare: {time.perf_counter() - t0:.0f} s")
+    name = f"accept_{int(time.time())}"
+    train = [
+        *exe, "train", "--data", str(prep / "prepared.csv"), "--model", "resnet18",
+        "--image-size", "2048", "--tile-size", "1024", "--epochs", str(args.epochs),
+        "--optimizer", "adamw", "--lr", "1e-3", "--accumulate", "2", "--weight-decay", "1e-4",
+        "--device", "cpu", "--out", str(out / "runs"), "--name", name,
+    ]  # fmt: skip
+    run = out / "runs" / name
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(train, start_new_session=True)
+    killed_in = None
+    while proc.poll() is None:
+        time.sleep(2)
+        if len(metric_rows(run)) == 1 and killed_in is None:
+            time.sleep(args.kill_after)
+            if proc.poll() is None and len(metric_rows(run)) == 1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                killed_in = 2
+                log("killed the training process group with SIGKILL during epoch 2")
+    rows_after_kill = len(metric_rows(run))
+    if killed_in is not None:
+        subprocess.run(train, check=True)
+    elif proc.returncode:
+        raise SystemExit(f"training failed with exit code {proc.returncode}")
+    train_s = time.perf_counter() - t0
+    rows = metric_rows(run)
+    for r in rows:
+        log(f"epoch {r['epoch']}: train_loss {r.get('train_loss')} val_auc {r.get('val_auc')}")
+    pred = out / "predictions"
+    subprocess.run(
+        [*exe, "train", "--only-eval", str(prep / "prepared.csv"), "--checkpoint",
+         str(run / "best.pt"), "--out", str(pred), "--name", "eval"],
+        check=True,
+    )  # fmt: skip
+    preds = list(pred.rglob("predictions.csv"))
+    n_pred = len(metric_rows_file(preds[0])) if preds else 0
+    aucs = [float(r["val_auc"]) for r in rows if r.get("val_auc") not in (None, "")]
+    print(
+        json.dumps(
+            {
+                "val_auc": aucs[-1] if aucs else None,
+                "best_val_auc": max(aucs) if aucs else None,
+                "epochs": len(rows),
+                "epoch_numbers": [int(r["epoch"]) for r in rows],
+                "killed_in_epoch": killed_in,
+                "resumed": killed_in is not None and rows_after_kill == 1,
+                "predictions": n_pred,
+                "slides": args.slides,
+                "train_s": round(train_s, 1),
+                "model": "resnet18",
+                "image": 2048,
+                "tile": 1024,
+                "mpp": 2.0,
+            }
+        )
+    )
+
+
+def metric_rows_file(f: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(f.read_text().splitlines()))
+
+
+if __name__ == "__main__":
+    main()
