@@ -75,7 +75,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "_data" / "slide_training"))
     args = ap.parse_args()
     out = Path(args.out)
-    cohort = make_cohort(out / f"cohort_{args.slides}_{args.size}", args.slides, args.size, args.val)
+    cohort = make_cohort(
+        out / f"cohort_{args.slides}_{args.size}", args.slides, args.size, args.val
+    )
     exe = [sys.executable, "-m", "slidestream"]
     prep = out / "prepared"
     t0 = time.perf_counter()

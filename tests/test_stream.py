@@ -182,7 +182,6 @@ def test_flip_rot90_and_hed_jitter():
         HEDJitter()(x.float())
 
 
-
 def test_hed_jitter_matches_skimage_round_trip():
     """The fused float32 transform equals rgb2hed -> scale/shift -> hed2rgb in float64 (skimage's
     convention with I + 1 / 256) to within one grey level."""
@@ -200,6 +199,7 @@ def test_hed_jitter_matches_skimage_round_trip():
     ref = np.clip(np.exp(-(hed @ rgb_from_hed)) * 256 - 1, 0, 255)
     got = y.permute(1, 2, 0).reshape(-1, 3).double().numpy()
     assert np.abs(got - ref).max() <= 1.0
+
 
 def test_stain_normalize(slides):
     target = open_slide(slides["pyramid"]).read(900, 700, 128, 128)
