@@ -86,6 +86,19 @@ def test_bad_labels_are_rejected_with_the_row(prepared, tmp_path):
         train_slides(_cfg(bad, tmp_path, task="binary"))
 
 
+def test_whole_image_augmentation_with_elastic(prepared, tmp_path):
+    from slidestream.train.slide import slide_datasets
+
+    plain, _, _ = slide_datasets(_cfg(prepared, tmp_path, augmentation=True))
+    warped, _, _ = slide_datasets(_cfg(prepared, tmp_path, augmentation=True, elastic=1.0))
+    a, b = plain[0]["image"], warped[0]["image"]
+    assert a.shape == b.shape == (3, 256, 256) and b.dtype == torch.uint8
+    assert not torch.equal(a, b)  # same seed and draw order: only the deformation differs
+    assert torch.equal(warped[0]["image"], b)  # one seeded draw per image and epoch
+    with pytest.raises(ss.ConfigError, match="elastic"):
+        _cfg(prepared, tmp_path, elastic=1.5)
+
+
 def test_step_order_is_seeded_and_weighted():
     cfg = SlideTrainConfig(data="x.csv", epoch_multiply=2)
     a, b = step_order(5, cfg, 0), step_order(5, cfg, 0)
@@ -140,6 +153,12 @@ def test_ddp_equals_single_process(prepared, tmp_path):
     assert moved  # training changed the weights
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6)
+    # the logged training loss covers both ranks' images, as in the single process
+    losses = [
+        float(next(csv.DictReader((tmp_path / n / "metrics.csv").open()))["train_loss"])
+        for n in ("single", "ddp")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 def test_train_cli_only_eval(prepared, tmp_path, capsys):

@@ -7,6 +7,9 @@ from slidestream.data.monitor import LoaderMonitor as LoaderMonitor
 from slidestream.data.stream import PatchStream as PatchStream
 from slidestream.data.stream import default_mask_dir as default_mask_dir
 from slidestream.data.transforms import (
+    CoarseElastic as CoarseElastic,
+)
+from slidestream.data.transforms import (
     HEDJitter as HEDJitter,
 )
 from slidestream.data.transforms import (

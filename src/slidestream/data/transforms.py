@@ -19,7 +19,14 @@ from torchvision.transforms import v2
 
 from slidestream.errors import ConfigError
 
-__all__ = ["RandomFlipRot90", "HEDJitter", "StainNormalize", "MultiView", "default_augmentation"]
+__all__ = [
+    "RandomFlipRot90",
+    "HEDJitter",
+    "CoarseElastic",
+    "StainNormalize",
+    "MultiView",
+    "default_augmentation",
+]
 
 _LOG256 = float(np.log(256.0))
 
@@ -78,6 +85,77 @@ class HEDJitter(v2.Transform):
         rgb = od.exp_().mul_(256.0).sub_(0.5).clamp_(0, 255)
         out = rgb.to(torch.uint8).reshape(shape)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+class CoarseElastic(v2.Transform):
+    """Elastic deformation for images of any size (whole slides), in bounded memory.
+
+    Random displacements (normal, ``sigma`` px) are drawn on a coarse grid of control points
+    ``spacing`` px apart and interpolated bicubically to every pixel, the method of the
+    ``elasticdeform`` package (van Tulder); the image is then resampled bilinearly in bands of
+    ``band`` rows with :func:`torch.nn.functional.grid_sample`, so the extra memory is that of one
+    band, not of full-size displacement fields. Pixels pulled from outside the image are ``fill``
+    (white: background for the streaming engine). torchvision's ``ElasticTransform`` blurs a
+    full-size random field instead, which costs seconds and gigabytes on a 16k² image.
+    """
+
+    def __init__(
+        self, sigma: float = 8.0, spacing: int = 256, fill: int = 255, band: int = 512
+    ) -> None:
+        super().__init__()
+        if sigma < 0 or spacing < 2 or band < 1:
+            raise ConfigError(
+                f"need sigma >= 0, spacing >= 2 and band >= 1, got {sigma}, {spacing}, {band}"
+            )
+        self.sigma, self.spacing, self.fill, self.band = sigma, spacing, fill, band
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.functional.get_size(flat_inputs[0])
+        gh, gw = h // self.spacing + 2, w // self.spacing + 2
+        return {"grid": torch.randn(1, 2, gh, gw) * self.sigma}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, torch.Tensor) or self.sigma == 0:
+            return inpt
+        import torch.nn.functional as F
+
+        *lead, c, h, w = inpt.shape
+        img = inpt.reshape(1, -1, h, w)
+        out = torch.empty_like(img)
+        px = torch.arange(w, dtype=torch.float32)
+        for y0 in range(0, h, self.band):
+            y1 = min(h, y0 + self.band)
+            rows = torch.arange(y0, y1, dtype=torch.float32)
+            disp = _bicubic_rows(params["grid"], rows / max(h - 1, 1) * 2 - 1, w)  # (2, n, w) px
+            sx, sy = px[None, :] + disp[0], rows[:, None] + disp[1]  # source pixel coordinates
+            # only the source rows this band reads are converted to float
+            r0 = int(sy.min().floor().clamp(0, h - 1))
+            r1 = int(sy.max().ceil().clamp(0, h - 1)) + 1
+            src = img[:, :, r0:r1].float().sub_(self.fill)
+            gx = sx * (2 / max(w - 1, 1)) - 1
+            gy = (sy - r0) * (2 / max(r1 - r0 - 1, 1)) - 1 if r1 - r0 > 1 else sy - r0
+            band = F.grid_sample(
+                src,
+                torch.stack((gx, gy), -1)[None],
+                mode="bilinear",
+                padding_mode="zeros",  # outside the image: fill
+                align_corners=True,
+            ).add_(self.fill)
+            if img.dtype == torch.uint8:
+                band = band.round_().clamp_(0, 255)
+            out[:, :, y0:y1] = band.to(img.dtype)
+        out = out.reshape(*lead, c, h, w)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+def _bicubic_rows(grid: torch.Tensor, rows: torch.Tensor, w: int) -> torch.Tensor:
+    """Bicubic interpolation of a (1, 2, gh, gw) control grid at normalised ``rows`` and ``w``
+    evenly spaced columns: (2, len(rows), w)."""
+    import torch.nn.functional as F
+
+    xs = torch.linspace(-1, 1, w) if w > 1 else torch.zeros(1)
+    sample = torch.stack(torch.broadcast_tensors(xs[None, :], rows[:, None]), -1)[None]
+    return F.grid_sample(grid, sample, mode="bicubic", padding_mode="border", align_corners=True)[0]
 
 
 class StainNormalize(v2.Transform):

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
-from slidestream.data import HEDJitter, RandomFlipRot90
+from slidestream.data import CoarseElastic, HEDJitter, RandomFlipRot90
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
 from slidestream.data.slides import SlideImageDataset
 from slidestream.errors import ConfigError
@@ -127,7 +128,12 @@ def slide_datasets(
         raise ConfigError(f"no training slides in {cfg.data}")
     classes = resolve_classes(cfg, train_c)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-    aug = torch.nn.Sequential(RandomFlipRot90(), HEDJitter()) if cfg.augmentation else None
+    aug = None
+    if cfg.augmentation:
+        ops: list[torch.nn.Module] = [RandomFlipRot90(), HEDJitter()]
+        if cfg.elastic > 0:
+            ops.append(v2.RandomApply([CoarseElastic(sigma=8.0, spacing=256)], p=cfg.elastic))
+        aug = torch.nn.Sequential(*ops)
     train = SlideImageDataset(
         train_c, cfg.task, classes, image_size=size, train=True, transform=aug, seed=cfg.seed
     )

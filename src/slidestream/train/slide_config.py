@@ -38,6 +38,7 @@ class SlideTrainConfig:
     train_set_size: int | None = None  # use only the first N training slides
     val_interval: int = 1
     augmentation: bool = True  # flips, 90° rotations, HED jitter, one draw per whole image
+    elastic: float = 0.0  # probability of an elastic deformation of the whole image (8 px)
     best_metric: str = "auc"  # validation metric for best.pt (loss is minimised)
     average_window: int = 0  # > 0: average weights of epochs best±window into averaged.pt
     resume_from: str | None = None  # a checkpoint of another run to start from
@@ -58,5 +59,7 @@ class SlideTrainConfig:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if not 0 <= self.elastic <= 1:
+            raise ConfigError(f"elastic is a probability in [0, 1], got {self.elastic}")
         if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0 or self.tile_size < 1:
             raise ConfigError("epochs, accumulate and tile_size must be >= 1 and lr > 0")

@@ -153,6 +153,12 @@ class _Loop:
             self.scaler.step(self.opt)
             self.scaler.update()
             bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+        if self.world > 1:  # the epoch's loss over every rank's images, not rank 0's alone
+            import torch.distributed as dist
+
+            sums = torch.tensor([total, float(seen)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            total, seen = float(sums[0]), int(sums[1])
         return total / max(seen, 1)
 
     def load(self, ds: SlideImageDataset, i: int) -> dict[str, Any] | None:
