@@ -87,7 +87,7 @@ def main() -> None:
     train = [
         *exe, "train", "--data", str(prep / "prepared.csv"), "--model", "resnet18",
         "--image-size", "2048", "--tile-size", "1024", "--epochs", str(args.epochs),
-        "--optimizer", "adamw", "--lr", "1e-3", "--accumulate", "2", "--weight-decay", "1e-4",
+        "--optimizer", "adamw", "--lr", "3e-4", "--accumulate", "2", "--weight-decay", "1e-4",
         "--device", "cpu", "--out", str(out / "runs"), "--name", name,
     ]  # fmt: skip
     run = out / "runs" / name

@@ -90,11 +90,15 @@ _SPECS: dict[str, _Spec] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
 
 
-def _build(name: str, weights: str | os.PathLike | None) -> nn.Module:
+def _build(
+    name: str, weights: str | os.PathLike | None, zero_init_residual: bool = False
+) -> nn.Module:
     import torchvision
 
     builder = getattr(torchvision.models, name)
     if weights is None:
+        if zero_init_residual and name.startswith("resnet"):
+            return builder(weights=None, zero_init_residual=True)
         return builder(weights=None)
     if os.path.exists(weights):
         model = builder(weights=None)
@@ -132,6 +136,7 @@ def split_model(
     stream_until: str | None = None,
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    zero_init_residual: bool = False,
 ) -> tuple[FrozenNormTrunk, nn.Sequential]:
     """Build torchvision model ``name`` and split it into ``(trunk, head)``.
 
@@ -141,9 +146,13 @@ def split_model(
             e.g. ``"layer4"`` or ``"layer2"`` for a ResNet, ``"features.7"`` for ConvNeXt.
         weights: ``None`` (random init), a torchvision weights name, or a state-dict file.
         num_classes: replace the classifier's last Linear with one of this many outputs.
+        zero_init_residual: with random init, start each ResNet residual branch at zero (the
+            last BatchNorm's weight is 0; Goyal et al. 2017). With BatchNorm frozen in eval
+            mode nothing renormalises the activations, and a deep random-init trunk otherwise
+            blows up under the first optimizer steps. Other models ignore it.
     """
     spec = _spec(name)
-    model = _build(name, weights)
+    model = _build(name, weights, zero_init_residual)
     stages = spec.stages(model)
     names = [n for n, _ in stages]
     until = spec.default_until if stream_until is None else stream_until

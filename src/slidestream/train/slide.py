@@ -73,7 +73,11 @@ def outputs_for(task: str, classes: list[str]) -> int:
 
 def build_model(cfg: SlideTrainConfig, classes: list[str]) -> SlideClassifier:
     """The streamed model described by ``cfg`` (weights as ``cfg.weights`` says)."""
-    trunk, _ = split_model(cfg.model, cfg.stream_until, cfg.weights)
+    # from random init, residual branches start at zero: the frozen (eval-mode) BatchNorms do
+    # not renormalise, and an unnormalised deep trunk diverges under the first updates
+    trunk, _ = split_model(
+        cfg.model, cfg.stream_until, cfg.weights, zero_init_residual=cfg.weights is None
+    )
     with torch.no_grad():
         channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
     trunk.train()
