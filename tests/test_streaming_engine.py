@@ -118,7 +118,8 @@ def test_forward_without_grad_matches():
     x = torch.randn(1, 3, 40, 30, dtype=torch.float64)
     with torch.no_grad():
         out = StreamingModule(trunk, 8)(x)
-    assert torch.equal(out, trunk(x).detach())
+    # equal up to float64 rounding (oneDNN may pick a different conv kernel for a crop's shape)
+    torch.testing.assert_close(out, trunk(x).detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_too_small_margin_gives_wrong_gradients_and_is_refused():

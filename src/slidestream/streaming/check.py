@@ -19,11 +19,11 @@ from torch import nn
 
 from slidestream.errors import StreamingError
 from slidestream.streaming.engine import (
-    _MALLOC_TRIM,
     StagedStreamingModule,
     StreamingModule,
     trunk_geometry,
 )
+from slidestream.streaming.memory import trim_heap
 from slidestream.streaming.tiling import output_shape
 
 __all__ = ["TOLERANCES", "check_streaming", "randomize_norms"]
@@ -88,8 +88,7 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - base
             return
-        if _MALLOC_TRIM is not None:  # hand back what an earlier run freed, so it is not reused
-            _MALLOC_TRIM(0)
+        trim_heap()  # hand back what an earlier run freed, so it is not reused
         base = self._rss()
         thread = threading.Thread(target=self._sample, args=(base,), daemon=True)
         thread.start()

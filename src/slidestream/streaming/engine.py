@@ -15,8 +15,6 @@ benchmarks/streaming.py measures both against conventional backprop.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import weakref
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from slidestream.errors import StreamingError
+from slidestream.streaming.memory import fix_mmap_threshold, trim_heap
 from slidestream.streaming.tiling import (
     Tile,
     TilePlan,
@@ -47,21 +46,10 @@ _GEOMETRY: weakref.WeakKeyDictionary[nn.Module, dict[int, TrunkGeometry]] = (
 )
 
 
-def _load_malloc_trim():
-    """glibc's ``malloc_trim`` (returns freed heap pages to the OS), or None elsewhere."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
 def _release_cpu_memory(run: _Run) -> None:
     """After a CPU tile: hand freed heap pages back so RSS follows one tile, not their history."""
-    if run.module.release_memory and _MALLOC_TRIM is not None and run.autocast[0] == "cpu":
-        _MALLOC_TRIM(0)
+    if run.module.release_memory and run.autocast[0] == "cpu":
+        trim_heap()
 
 
 def trunk_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
@@ -112,8 +100,10 @@ class StreamingModule(nn.Module):
         verify_geometry: when ``geometry`` is given, measure anyway and refuse bounds that are
             too small (set False only to demonstrate what too small a margin does).
         release_memory: on CPU, return freed heap pages to the OS after each tile (glibc
-            ``malloc_trim``); without it glibc keeps fragments of earlier crops and the
-            process's peak RSS grows well beyond one tile's working set.
+            ``malloc_trim``) and fix glibc's mmap threshold at 4 MiB for the process (once;
+            skipped when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment); without it
+            glibc keeps fragments of earlier crops and the process's peak RSS grows well
+            beyond one tile's working set. ``False`` leaves the allocator alone.
     """
 
     def __init__(
@@ -243,6 +233,8 @@ class StreamingModule(nn.Module):
         dev = self._device().type
         autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         run = _Run(self, plan, groups, autocast, mask)
+        if self.release_memory and dev == "cpu":
+            fix_mmap_threshold()
         self.last_stats = {
             "tiles": len(plan),
             "crops_computed": len(groups),
