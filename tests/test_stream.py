@@ -118,6 +118,23 @@ def test_finite_epoch_without_replacement(cohort_csv):
     assert len(keys) == len(set(keys)) and len(keys) > 20  # each slide runs dry, no repeats
 
 
+
+@pytest.mark.parametrize("sampler", ["random", "grid"])
+def test_endless_stream_resumes_evicted_slides_without_repeats(cohort_csv, sampler):
+    """With a pool of one open slide, every visit evicts the last slide; a sampler without
+    replacement must go on where the slide stopped, so the whole stream has no repeat."""
+    from slidestream.sampling import GridPatchSampler
+
+    samplers = {
+        "random": RandomPatchSampler(64, mpp=1.0, min_tissue=0.3, replacement=False),
+        "grid": GridPatchSampler(64, mpp=1.0, min_tissue=0.3),
+    }
+    s = PatchStream(cohort_csv, samplers[sampler], pool_size=1, patches_per_visit=3, seed=0)
+    items = list(s)  # endless mode ends when every slide has run dry
+    keys = [(i["slide"], i["x"], i["y"]) for i in items]
+    assert len(keys) == len(set(keys)) and len(set(i["slide"] for i in items)) == 4
+    assert s.stats()["slides_opened"] > 4  # slides really were evicted and reopened
+
 def test_balanced_visits(cohort_csv, slides, tmp_path):
     csv = tmp_path / "unbalanced.csv"
     csv.write_text(
@@ -212,12 +229,13 @@ def test_coarse_elastic_is_exact_for_known_displacements():
     grid[:, 0] = 3.0
     y = e.transform(x, {"grid": grid})
     assert torch.equal(y[..., :-3], x[..., 3:]) and bool((y[..., -3:] == 255).all())
-    # banding does not change the result; one random draw is reproducible from torch's seed
+    # banding does not change the result (beyond rounding); one draw per torch seed
     torch.manual_seed(1)
     a = e(x)
     torch.manual_seed(1)
     b = CoarseElastic(sigma=5.0, spacing=16, band=512)(x)
-    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert (a.int() - b.int()).abs().max() <= 1  # float rounding of the band's coordinates
+    assert (a.int() - x.int()).abs().float().mean() > 5
 
 
 def test_stain_normalize(slides):

@@ -248,6 +248,9 @@ class _Run:
         self.failures: dict[int, int] = {}
         # masks outlive the open-slide pool: a slide that comes back needs no mask reload
         self.masks: OrderedDict[int, TissueMask] = OrderedDict()
+        # samplers without replacement: where each evicted slide's locations stopped, so a
+        # slide that comes back goes on instead of repeating (small: locations only)
+        self.paused: dict[int, Iterator[PatchLocation]] = {}
 
     def endless(self, indices: list[int]) -> Iterator[dict[str, Any]]:
         """Visit slides drawn by weight; the open ones stay in an LRU pool of ``pool_size``."""
@@ -316,18 +319,16 @@ class _Run:
             self.fail(index, exc)
             return None
         st._counters[_OPENED] += 1
-        state = _SlideState(
-            index,
-            entry,
-            slide,
-            mask,
-            st.sampler.iter_locations(slide, mask, self.rng, ann),
-            annotations=ann,
-        )
+        locations = self.paused.pop(index, None)
+        if locations is None:
+            locations = st.sampler.iter_locations(slide, mask, self.rng, ann)
+        state = _SlideState(index, entry, slide, mask, locations, annotations=ann)
         self.states[index] = state
         while len(self.states) > st.pool_size:
-            _, old = self.states.popitem(last=False)
+            old_index, old = self.states.popitem(last=False)
             old.slide.close()
+            if not st.sampler.with_replacement:
+                self.paused[old_index] = old.locations
         return state
 
     def fail(self, index: int, exc: Exception) -> bool:

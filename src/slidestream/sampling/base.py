@@ -88,6 +88,13 @@ class PatchSampler(ABC):
             return slide.read(loc.x, loc.y, self.size, self.size)
         return slide.read(loc.x, loc.y, self.size, self.size, mpp=self.mpp)
 
+    @property
+    def with_replacement(self) -> bool:
+        """True when a slide's locations may repeat, so a fresh iterator is as good as a
+        resumed one; False when each location comes once (a stream then resumes the slide's
+        iterator where it stopped instead of starting it again)."""
+        return False
+
     @abstractmethod
     def iter_locations(
         self,

@@ -67,5 +67,5 @@ class GridPatchSampler(PatchSampler):
         rng: np.random.Generator | None = None,
         annotations: object | None = None,
     ) -> Iterator[PatchLocation]:
-        for x, y, f in self.locations(slide, mask):
-            yield PatchLocation(int(x), int(y), float(f))
+        # computed now; the iterator holds the locations only, not the slide or its mask
+        return (PatchLocation(int(x), int(y), float(f)) for x, y, f in self.locations(slide, mask))

@@ -50,11 +50,14 @@ class RandomPatchSampler(PatchSampler):
         annotations: object | None = None,
     ) -> Iterator[PatchLocation]:
         if mask.is_empty:
-            return
+            return iter(())
         if self.replacement:
-            yield from self._endless(slide, mask, rng)
-        else:
-            yield from self._once_each(slide, mask, rng)
+            return self._endless(slide, mask, rng)
+        return self._once_each(slide, mask, rng)
+
+    @property
+    def with_replacement(self) -> bool:
+        return self.replacement
 
     def _endless(
         self, slide: Slide, mask: TissueMask, rng: np.random.Generator
@@ -79,7 +82,7 @@ class RandomPatchSampler(PatchSampler):
 
     def _once_each(
         self, slide: Slide, mask: TissueMask, rng: np.random.Generator
-    ) -> Iterator[PatchLocation]:
+    ) -> Iterator[PatchLocation]:  # not a generator: the cut is made now
         geo = self.geometry(slide)
         (sx, sy), (w0, h0), step = geo.size0, slide.dimensions, geo.step
         # cells a whole number of grid steps apart never overlap after snapping
@@ -91,6 +94,11 @@ class RandomPatchSampler(PatchSampler):
         gx, gy = np.meshgrid(xs, ys)
         x, y = geo.snap(gx.ravel(), gy.ravel(), slide.dimensions)
         frac = mask.region_fraction(x, y, sx, sy)
-        keep = np.flatnonzero(frac >= self.min_tissue)
-        for i in rng.permutation(keep):
-            yield PatchLocation(int(x[i]), int(y[i]), float(frac[i]))
+        order = rng.permutation(np.flatnonzero(frac >= self.min_tissue))
+        # the iterator holds these arrays only, not the slide or its mask
+        return _emit(x[order], y[order], frac[order])
+
+
+def _emit(x: np.ndarray, y: np.ndarray, frac: np.ndarray) -> Iterator[PatchLocation]:
+    for xi, yi, fi in zip(x.tolist(), y.tolist(), frac.tolist(), strict=True):
+        yield PatchLocation(int(xi), int(yi), float(fi))
