@@ -11,7 +11,7 @@ The last line is JSON: ``val_auc`` (last epoch), ``best_val_auc``, ``epochs`` (r
 metrics.csv), ``resumed`` (the second run started after epoch 1), ``killed_in_epoch``,
 ``predictions`` (rows of --only-eval), ``train_s`` and the settings.
 
-    python benchmarks/slide_training.py [--slides 40] [--size 8192] [--epochs 8]
+    python benchmarks/slide_training.py [--slides 40] [--size 8192] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--slides", type=int, default=40)
     ap.add_argument("--val", type=int, default=8, help="validation slides (8)")
     ap.add_argument("--size", type=int, default=8192, help="level-0 side at 0.5 µm/px (8192)")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--kill-after", type=float, default=60.0, help="seconds into epoch 2 (60)")
     ap.add_argument("--out", default=str(HERE / "_data" / "slide_training"))
     args = ap.parse_args()
