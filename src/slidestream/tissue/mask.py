@@ -147,7 +147,7 @@ class TissueMask:
             path.with_name(f".{path.name}.tmp"),
             meta_path.with_name(f".{meta_path.name}.tmp"),
         )
-        Image.fromarray(self.mask).save(tmp_png, format="PNG", optimize=True)
+        Image.fromarray(self.mask).save(tmp_png, format="PNG")  # optimize=True: 5x slower
         tmp_json.write_text(json.dumps({**self.metadata(), **extra}, indent=2))
         os.replace(tmp_png, path)
         os.replace(tmp_json, meta_path)
