@@ -93,21 +93,24 @@ def main() -> None:
     run = out / "runs" / name
     t0 = time.perf_counter()
     proc = subprocess.Popen(train, start_new_session=True)
-    killed_in = None
+    killed_in, before = None, None
     while proc.poll() is None:
         time.sleep(2)
-        if len(metric_rows(run)) == 1 and killed_in is None:
+        # epoch 1 is complete once its checkpoint is on disk (metrics.csv is written first)
+        if killed_in is None and len(metric_rows(run)) == 1 and (run / "last.pt").exists():
             time.sleep(args.kill_after)
             if proc.poll() is None and len(metric_rows(run)) == 1:
+                before = metric_rows(run)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 killed_in = 2
                 log("killed the training process group with SIGKILL during epoch 2")
-    rows_after_kill = len(metric_rows(run))
-    if killed_in is not None:
-        subprocess.run(train, check=True)
-    elif proc.returncode:
-        raise SystemExit(f"training failed with exit code {proc.returncode}")
+    if killed_in is None:
+        raise SystemExit(
+            f"training ended (exit {proc.returncode}) before it could be killed in epoch 2; "
+            "pass a smaller --kill-after"
+        )
+    subprocess.run(train, check=True)
     train_s = time.perf_counter() - t0
     rows = metric_rows(run)
     for r in rows:
@@ -115,11 +118,10 @@ def main() -> None:
     pred = out / "predictions"
     subprocess.run(
         [*exe, "train", "--only-eval", str(prep / "prepared.csv"), "--checkpoint",
-         str(run / "best.pt"), "--out", str(pred), "--name", "eval"],
+         str(run / "best.pt"), "--out", str(pred), "--name", "eval", "--device", "cpu"],
         check=True,
     )  # fmt: skip
-    preds = list(pred.rglob("predictions.csv"))
-    n_pred = len(metric_rows_file(preds[0])) if preds else 0
+    n_pred = len(metric_rows_file(pred / "eval" / "predictions.csv"))
     aucs = [float(r["val_auc"]) for r in rows if r.get("val_auc") not in (None, "")]
     print(
         json.dumps(
@@ -129,7 +131,9 @@ def main() -> None:
                 "epochs": len(rows),
                 "epoch_numbers": [int(r["epoch"]) for r in rows],
                 "killed_in_epoch": killed_in,
-                "resumed": killed_in is not None and rows_after_kill == 1,
+                # a resumed run carries epoch 1's row over from last.pt unchanged (time_s
+                # included); a restart from scratch would have rewritten it
+                "resumed": bool(before) and rows[:1] == before,
                 "predictions": n_pred,
                 "slides": args.slides,
                 "train_s": round(train_s, 1),

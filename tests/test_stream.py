@@ -118,7 +118,6 @@ def test_finite_epoch_without_replacement(cohort_csv):
     assert len(keys) == len(set(keys)) and len(keys) > 20  # each slide runs dry, no repeats
 
 
-
 @pytest.mark.parametrize("sampler", ["random", "grid"])
 def test_endless_stream_resumes_evicted_slides_without_repeats(cohort_csv, sampler):
     """With a pool of one open slide, every visit evicts the last slide; a sampler without
@@ -134,6 +133,7 @@ def test_endless_stream_resumes_evicted_slides_without_repeats(cohort_csv, sampl
     keys = [(i["slide"], i["x"], i["y"]) for i in items]
     assert len(keys) == len(set(keys)) and len(set(i["slide"] for i in items)) == 4
     assert s.stats()["slides_opened"] > 4  # slides really were evicted and reopened
+
 
 def test_balanced_visits(cohort_csv, slides, tmp_path):
     csv = tmp_path / "unbalanced.csv"
@@ -229,6 +229,11 @@ def test_coarse_elastic_is_exact_for_known_displacements():
     grid[:, 0] = 3.0
     y = e.transform(x, {"grid": grid})
     assert torch.equal(y[..., :-3], x[..., 3:]) and bool((y[..., -3:] == 255).all())
+    # the same downwards with bands of 2 rows: the last bands read only rows past the edge
+    grid = torch.zeros(1, 2, 5, 6)
+    grid[:, 1] = 3.0
+    y = CoarseElastic(sigma=5.0, spacing=16, band=2).transform(x, {"grid": grid})
+    assert torch.equal(y[:, :-3], x[:, 3:]) and bool((y[:, -3:] == 255).all())
     # banding does not change the result (beyond rounding); one draw per torch seed
     torch.manual_seed(1)
     a = e(x)

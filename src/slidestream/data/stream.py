@@ -249,7 +249,7 @@ class _Run:
         # masks outlive the open-slide pool: a slide that comes back needs no mask reload
         self.masks: OrderedDict[int, TissueMask] = OrderedDict()
         # samplers without replacement: where each evicted slide's locations stopped, so a
-        # slide that comes back goes on instead of repeating (small: locations only)
+        # slide that comes back goes on instead of repeating (compact location arrays)
         self.paused: dict[int, Iterator[PatchLocation]] = {}
 
     def endless(self, indices: list[int]) -> Iterator[dict[str, Any]]:
@@ -347,6 +347,7 @@ class _Run:
         )
         if dropped:
             st._counters[_DROPPED] += 1
+            self.paused.pop(index, None)
             old = self.states.pop(index, None)
             if old is not None:
                 old.slide.close()

@@ -95,7 +95,8 @@ class CoarseElastic(v2.Transform):
     ``elasticdeform`` package (van Tulder); the image is then resampled bilinearly in bands of
     ``band`` rows with :func:`torch.nn.functional.grid_sample`, so the extra memory is that of one
     band, not of full-size displacement fields. Pixels pulled from outside the image are ``fill``
-    (white: background for the streaming engine). torchvision's ``ElasticTransform`` blurs a
+    (white for uint8: background for the streaming engine; pass ``fill=1.0`` for float images in
+    [0, 1]). torchvision's ``ElasticTransform`` blurs a
     full-size random field instead, which costs seconds and gigabytes on a 16k² image.
     """
 
@@ -117,23 +118,29 @@ class CoarseElastic(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor) or self.sigma == 0:
             return inpt
+        if isinstance(inpt, (tv_tensors.Mask, tv_tensors.BoundingBoxes)):
+            return inpt  # an image-only deformation
         import torch.nn.functional as F
 
         *lead, c, h, w = inpt.shape
         img = inpt.reshape(1, -1, h, w)
         out = torch.empty_like(img)
-        px = torch.arange(w, dtype=torch.float32)
+        dev = img.device
+        px = torch.arange(w, dtype=torch.float32, device=dev)
+        grid = params["grid"].to(dev)
         for y0 in range(0, h, self.band):
             y1 = min(h, y0 + self.band)
-            rows = torch.arange(y0, y1, dtype=torch.float32)
-            disp = _bicubic_rows(params["grid"], rows / max(h - 1, 1) * 2 - 1, w)  # (2, n, w) px
+            rows = torch.arange(y0, y1, dtype=torch.float32, device=dev)
+            disp = _bicubic_rows(grid, rows / max(h - 1, 1) * 2 - 1, w)  # (2, n, w) px
             sx, sy = px[None, :] + disp[0], rows[:, None] + disp[1]  # source pixel coordinates
-            # only the source rows this band reads are converted to float
+            # only the source rows this band reads are converted to float; one zero (= fill)
+            # pixel of padding on every side makes the strip behave like the whole image at
+            # its edges, also when it is a single row or column
             r0 = int(sy.min().floor().clamp(0, h - 1))
             r1 = int(sy.max().ceil().clamp(0, h - 1)) + 1
-            src = img[:, :, r0:r1].float().sub_(self.fill)
-            gx = sx * (2 / max(w - 1, 1)) - 1
-            gy = (sy - r0) * (2 / max(r1 - r0 - 1, 1)) - 1 if r1 - r0 > 1 else sy - r0
+            src = F.pad(img[:, :, r0:r1].float().sub_(self.fill), (1, 1, 1, 1))
+            gx = (sx + 1) * (2 / (w + 1)) - 1
+            gy = (sy - r0 + 1) * (2 / (r1 - r0 + 1)) - 1
             band = F.grid_sample(
                 src,
                 torch.stack((gx, gy), -1)[None],
@@ -141,8 +148,8 @@ class CoarseElastic(v2.Transform):
                 padding_mode="zeros",  # outside the image: fill
                 align_corners=True,
             ).add_(self.fill)
-            if img.dtype == torch.uint8:
-                band = band.round_().clamp_(0, 255)
+            if not img.dtype.is_floating_point:
+                band = band.round_().clamp_(0, 255 if img.dtype == torch.uint8 else None)
             out[:, :, y0:y1] = band.to(img.dtype)
         out = out.reshape(*lead, c, h, w)
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
@@ -153,7 +160,7 @@ def _bicubic_rows(grid: torch.Tensor, rows: torch.Tensor, w: int) -> torch.Tenso
     evenly spaced columns: (2, len(rows), w)."""
     import torch.nn.functional as F
 
-    xs = torch.linspace(-1, 1, w) if w > 1 else torch.zeros(1)
+    xs = torch.linspace(-1, 1, w, device=rows.device) if w > 1 else rows.new_zeros(1)
     sample = torch.stack(torch.broadcast_tensors(xs[None, :], rows[:, None]), -1)[None]
     return F.grid_sample(grid, sample, mode="bicubic", padding_mode="border", align_corners=True)[0]
 

@@ -113,10 +113,6 @@ class AnnotationSampler(PatchSampler):
         if not 0.0 <= self.min_overlap <= 1.0:
             raise ConfigError(f"min_overlap must be in [0, 1], got {self.min_overlap}")
 
-    @property
-    def with_replacement(self) -> bool:
-        return True
-
     def iter_locations(
         self,
         slide: Slide,

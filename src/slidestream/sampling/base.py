@@ -22,7 +22,7 @@ from slidestream.errors import ConfigError
 from slidestream.io.base import Slide
 from slidestream.tissue.mask import TissueMask
 
-__all__ = ["PatchLocation", "PatchSampler", "PatchGeometry"]
+__all__ = ["LocationArrays", "PatchLocation", "PatchSampler", "PatchGeometry"]
 
 
 @dataclass(frozen=True)
@@ -90,10 +90,11 @@ class PatchSampler(ABC):
 
     @property
     def with_replacement(self) -> bool:
-        """True when a slide's locations may repeat, so a fresh iterator is as good as a
-        resumed one; False when each location comes once (a stream then resumes the slide's
-        iterator where it stopped instead of starting it again)."""
-        return False
+        """True (the default) when a slide's locations may repeat, so a stream restarts a slide
+        that comes back with a fresh iterator. A sampler whose slides run dry returns False, and
+        its ``iter_locations`` must then return an iterator that holds neither the slide nor its
+        mask: a stream keeps it while the slide is closed and resumes it where it stopped."""
+        return True
 
     @abstractmethod
     def iter_locations(
@@ -104,6 +105,29 @@ class PatchSampler(ABC):
         annotations: object | None = None,
     ) -> Iterator[PatchLocation]:
         """Patch locations of one slide (finite or endless, depending on the sampler)."""
+
+
+class LocationArrays:
+    """Iterator over patch locations kept as compact arrays (int64 x, y; float32 fraction):
+    ~20 bytes per location, so a paused slide costs little. Holds no slide or mask."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, frac: np.ndarray) -> None:
+        self.x, self.y = np.asarray(x, np.int64), np.asarray(y, np.int64)
+        self.frac = np.asarray(frac, np.float32)
+        self.next_index = 0
+
+    def __iter__(self) -> LocationArrays:
+        return self
+
+    def __next__(self) -> PatchLocation:
+        i = self.next_index
+        if i >= len(self.x):
+            raise StopIteration
+        self.next_index = i + 1
+        return PatchLocation(int(self.x[i]), int(self.y[i]), float(self.frac[i]))
+
+    def __len__(self) -> int:
+        return len(self.x) - self.next_index
 
 
 def tissue_centres(

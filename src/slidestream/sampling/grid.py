@@ -9,7 +9,7 @@ import numpy as np
 
 from slidestream.errors import ConfigError
 from slidestream.io.base import Slide
-from slidestream.sampling.base import PatchLocation, PatchSampler
+from slidestream.sampling.base import LocationArrays, PatchLocation, PatchSampler
 from slidestream.tissue.mask import TissueMask
 
 __all__ = ["GridPatchSampler"]
@@ -67,5 +67,9 @@ class GridPatchSampler(PatchSampler):
         rng: np.random.Generator | None = None,
         annotations: object | None = None,
     ) -> Iterator[PatchLocation]:
-        # computed now; the iterator holds the locations only, not the slide or its mask
-        return (PatchLocation(int(x), int(y), float(f)) for x, y, f in self.locations(slide, mask))
+        locs = self.locations(slide, mask)  # computed now: the iterator holds arrays only
+        return LocationArrays(locs[:, 0], locs[:, 1], locs[:, 2])
+
+    @property
+    def with_replacement(self) -> bool:
+        return False

@@ -11,7 +11,7 @@ import numpy as np
 
 from slidestream.errors import ConfigError
 from slidestream.io.base import Slide
-from slidestream.sampling.base import PatchLocation, PatchSampler, tissue_centres
+from slidestream.sampling.base import LocationArrays, PatchLocation, PatchSampler, tissue_centres
 from slidestream.tissue.mask import TissueMask
 
 __all__ = ["RandomPatchSampler"]
@@ -95,10 +95,4 @@ class RandomPatchSampler(PatchSampler):
         x, y = geo.snap(gx.ravel(), gy.ravel(), slide.dimensions)
         frac = mask.region_fraction(x, y, sx, sy)
         order = rng.permutation(np.flatnonzero(frac >= self.min_tissue))
-        # the iterator holds these arrays only, not the slide or its mask
-        return _emit(x[order], y[order], frac[order])
-
-
-def _emit(x: np.ndarray, y: np.ndarray, frac: np.ndarray) -> Iterator[PatchLocation]:
-    for xi, yi, fi in zip(x.tolist(), y.tolist(), frac.tolist(), strict=True):
-        yield PatchLocation(int(xi), int(yi), float(fi))
+        return LocationArrays(x[order], y[order], frac[order])
