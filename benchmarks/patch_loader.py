@@ -238,6 +238,8 @@ def main() -> None:
         "extra_disk_ratio": round(mask_bytes / cohort_bytes, 6),
         "prechop_disk_ratio": round(chop_bytes / cohort_bytes, 4),
         "prechop_over_ttfb": round(res["prechop_s"] / res["ttfb_s"], 1),
+        "prechop_patches": n_patches,
+        "prechop_pps": round(n_patches / res["prechop_s"], 1),
         "vs_wsistream": round(res["ours_pps_2w"] / res["wsistream_pps_2w"], 2)
         if res["wsistream_pps_2w"]
         else None,
