@@ -92,8 +92,10 @@ class StreamingPredictor:
         h, w = sal.shape
         d = self.downsample or max(1, round(max(h, w) / 128))
         grid = sal[: h // d * d, : w // d * d].reshape(h // d, d, w // d, d).mean((1, 3))
-        grid = (grid / grid.max()) if grid.max() > 0 else grid
+        # background cells out first, so the scale is set by the tissue (max 1 over tissue)
         grid = np.where(pixels[: h // d * d : d, : w // d * d : d].min(-1) < 250, grid, np.nan)
+        peak = np.nanmax(grid) if np.isfinite(grid).any() else 0.0
+        grid = grid / peak if peak > 0 else grid
         stem = Path(path).stem
         np.save(out / f"{stem}.heatmap.npy", grid.astype(np.float32)[None])
         with open_slide(path, backend=backend, mpp=slide_mpp) as slide:
