@@ -7,11 +7,11 @@ equal ``trunk(x)``'s while only one tile's graph is held in memory at a time.
 from __future__ import annotations
 
 from slidestream.streaming.engine import (
-    StagedStreamingModule,
     StreamingModule,
     check_streamable,
     trunk_geometry,
 )
+from slidestream.streaming.staged import StagedStreamingModule
 from slidestream.streaming.tiling import (
     AxisGeometry,
     TilePlan,

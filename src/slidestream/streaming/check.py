@@ -19,11 +19,11 @@ from torch import nn
 
 from slidestream.errors import StreamingError
 from slidestream.streaming.engine import (
-    StagedStreamingModule,
     StreamingModule,
     trunk_geometry,
 )
 from slidestream.streaming.memory import trim_heap
+from slidestream.streaming.staged import StagedStreamingModule
 from slidestream.streaming.tiling import output_shape
 
 __all__ = ["TOLERANCES", "check_streaming", "randomize_norms"]
