@@ -4,6 +4,10 @@ They compose with any torchvision v2 transform (``v2.Compose``, ``v2.RandomApply
 ``v2.ElasticTransform``, ...). Patches stay uint8 through augmentation so workers hand the main
 process 4x fewer bytes than float32; convert and normalise on the device (see
 :func:`slidestream.data.functional.normalize`).
+
+A single (3, H, W) uint8 patch on the CPU, what a DataLoader worker holds, takes an OpenCV path
+(SIMD kernels, one call per step); batches, other dtypes and GPU tensors take the torch path. Both
+give the same pixels.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from skimage.color import hed_from_rgb, rgb_from_hed  # Ruifrok & Johnston stain vectors
@@ -29,9 +34,42 @@ __all__ = [
 ]
 
 _LOG256 = float(np.log(256.0))
+_ONES = (1.0, 1.0, 1.0, 0.0)  # an explicit per-channel scalar: OpenCV 4 reads 1.0 as (1, 0, 0, 0)
+# torch.rot90(k, dims=(-2, -1)) as OpenCV rotation codes (k = 1 turns counter-clockwise)
+_CV_ROTATE = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
 
 
-class RandomFlipRot90(v2.Transform):
+def _cv_patch(inpt: Any) -> np.ndarray | None:
+    """The (3, H, W) uint8 numpy view of a single contiguous CPU patch, or None (use torch)."""
+    if type(inpt) is not torch.Tensor and not isinstance(inpt, tv_tensors.Image):
+        return None
+    if inpt.dtype != torch.uint8 or inpt.ndim != 3 or inpt.shape[0] != 3:
+        return None
+    if inpt.device.type != "cpu" or not inpt.is_contiguous():
+        return None
+    return inpt.as_subclass(torch.Tensor).numpy()
+
+
+def _wrap(out: np.ndarray | torch.Tensor, like: Any) -> Any:
+    out = torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+    return tv_tensors.wrap(out, like=like) if isinstance(like, tv_tensors.TVTensor) else out
+
+
+def _planes(chw: np.ndarray) -> list[np.ndarray]:
+    return [chw[0], chw[1], chw[2]]
+
+
+class _PatchTransform(v2.Transform):
+    """A v2 transform that skips v2's input flattening for the common call, one plain tensor
+    (~20 µs a call, a tenth of a patch's augmentation); anything else goes through v2."""
+
+    def forward(self, *inputs: Any) -> Any:
+        if len(inputs) == 1 and type(inputs[0]) is torch.Tensor:
+            return self.transform(inputs[0], self.make_params(list(inputs)))
+        return super().forward(*inputs)
+
+
+class RandomFlipRot90(_PatchTransform):
     """One of the 8 symmetries of the square (flips and 90° rotations), exact on pixels."""
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -40,16 +78,24 @@ class RandomFlipRot90(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor):
             return inpt
-        out = torch.rot90(inpt, params["k"], dims=(-2, -1))
-        return out.flip(-1) if params["flip"] else out
+        k, flip = params["k"], params["flip"]
+        if (chw := _cv_patch(inpt)) is not None:  # per plane in OpenCV: ~5x faster than torch
+            if k == 0 and not flip:
+                return inpt
+            planes = [cv2.rotate(p, _CV_ROTATE[k]) if k else p for p in _planes(chw)]
+            out = np.stack([cv2.flip(p, 1) for p in planes] if flip else planes)
+            return _wrap(out, inpt)
+        out = torch.rot90(inpt, k, dims=(-2, -1))
+        return out.flip(-1) if flip else out
 
 
-class HEDJitter(v2.Transform):
+class HEDJitter(_PatchTransform):
     """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al. 2018).
 
     Each stain's optical density is scaled by ``U(1 - sigma, 1 + sigma)`` and shifted by
     ``U(-bias, bias)``; the whole transform is one 3x3 matrix and offset in optical-density space,
-    applied in float32 (0.3 ms per 256² patch here, ~8x cheaper than skimage's float64 round trip).
+    applied in float32 (0.13 ms per 256² patch here with OpenCV, ~25x cheaper than skimage's
+    float64 round trip).
     """
 
     def __init__(self, sigma: float = 0.05, bias: float = 0.05) -> None:
@@ -64,10 +110,9 @@ class HEDJitter(v2.Transform):
         matrix = (hed_from_rgb * alpha) @ rgb_from_hed  # od' = od @ matrix + beta @ rgb_from_hed
         # column form with od = log(256) - log(I + 1): od' = offset - matrix.T @ log(I + 1)
         offset = matrix.sum(0) * _LOG256 + beta @ rgb_from_hed
-        return {
-            "matrix": torch.from_numpy(matrix.T.astype(np.float32)),
-            "offset": torch.from_numpy(offset.astype(np.float32)[:, None]),
-        }
+        # OpenCV form: log(256 * exp(-od')) = [matrix.T | log(256) - offset] @ [log(I + 1); 1]
+        affine = np.concatenate([matrix.T, (_LOG256 - offset)[:, None]], 1)
+        return {"affine": affine.astype(np.float32)}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor) or isinstance(inpt, tv_tensors.Mask):
@@ -77,14 +122,22 @@ class HEDJitter(v2.Transform):
                 f"HEDJitter expects (..., 3, H, W) uint8 RGB, got {tuple(inpt.shape)} "
                 f"{inpt.dtype}; put it before ToDtype/Normalize"
             )
-        shape = inpt.shape
+        if (chw := _cv_patch(inpt)) is not None:
+            # 0.13 ms per 256² patch here, against 0.45 ms for the torch path below
+            hwc = cv2.merge(_planes(chw))
+            log_i = cv2.log(cv2.add(hwc, _ONES, dtype=cv2.CV_32F))
+            rgb = cv2.exp(cv2.transform(log_i, params["affine"]))  # 256 * exp(-od')
+            rgb = cv2.subtract(rgb, _ONES, dtype=cv2.CV_8U)  # rounded and saturated
+            out = np.empty_like(chw)
+            cv2.split(rgb, _planes(out))
+            return _wrap(out, inpt)
+        shape, affine = inpt.shape, torch.from_numpy(params["affine"]).to(inpt.device)
         # log(I + 1) rather than log1p: torch's log is vectorised, its log1p ~15x slower on CPU
         log_i = inpt.reshape(-1, 3, shape[-2] * shape[-1]).float().add_(1.0).log_()
-        od = torch.matmul(params["matrix"], log_i).sub_(params["offset"])  # = -od'
+        log_rgb = torch.matmul(affine[:, :3], log_i).add_(affine[:, 3:])  # log(256 exp(-od'))
         # 256 * exp(-od') - 1, rounded: +0.5 then truncation
-        rgb = od.exp_().mul_(256.0).sub_(0.5).clamp_(0, 255)
-        out = rgb.to(torch.uint8).reshape(shape)
-        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+        rgb = log_rgb.exp_().sub_(0.5).clamp_(0, 255)
+        return _wrap(rgb.to(torch.uint8).reshape(shape), inpt)
 
 
 class CoarseElastic(v2.Transform):
