@@ -45,7 +45,7 @@ __all__ = ["PatchStream", "default_mask_dir"]
 log = logging.getLogger(__name__)
 
 _PATCHES, _OPENED, _FAILED, _DROPPED = range(4)
-_MASKS_KEPT = 64  # tissue masks kept in memory per worker
+_MASKS_KEPT = 64  # tissue masks (and closed slides) kept in memory per worker
 
 
 def default_mask_dir() -> Path:
@@ -248,8 +248,10 @@ class _Run:
         self.stream, self.rng = stream, rng
         self.states: OrderedDict[int, _SlideState] = OrderedDict()
         self.failures: dict[int, int] = {}
-        # masks outlive the open-slide pool: a slide that comes back needs no mask reload
+        # masks and closed slides outlive the open-slide pool: a slide that comes back needs no
+        # mask reload and no metadata parsing, just its library handle reopened
         self.masks: OrderedDict[int, TissueMask] = OrderedDict()
+        self.closed: OrderedDict[int, Slide] = OrderedDict()
         # samplers without replacement: where each evicted slide's locations stopped, so a
         # slide that comes back goes on instead of repeating (compact location arrays)
         self.paused: dict[int, Iterator[PatchLocation]] = {}
@@ -309,7 +311,9 @@ class _Run:
             return self.states[index]
         st, entry = self.stream, self.stream.cohort.slides[index]
         try:
-            slide = open_slide(entry.path, backend=st.backend, mpp=entry.mpp)
+            slide = self.closed.pop(index, None) or open_slide(
+                entry.path, backend=st.backend, mpp=entry.mpp
+            )
             mask = self.masks.pop(index, None) or detect_tissue(
                 slide, st.tissue, cache_dir=st.mask_dir
             )
@@ -329,6 +333,9 @@ class _Run:
         while len(self.states) > st.pool_size:
             old_index, old = self.states.popitem(last=False)
             old.slide.close()
+            self.closed[old_index] = old.slide
+            while len(self.closed) > _MASKS_KEPT:
+                self.closed.popitem(last=False)
             if not st.sampler.with_replacement:
                 self.paused[old_index] = old.locations
         return state
@@ -350,6 +357,7 @@ class _Run:
         if dropped:
             st._counters[_DROPPED] += 1
             self.paused.pop(index, None)
+            self.closed.pop(index, None)
             old = self.states.pop(index, None)
             if old is not None:
                 old.slide.close()

@@ -31,6 +31,7 @@ class _Handle:
     path: str
     pages: list[tuple[int, int | None]]  # (page, subifd) of each level
     regions: dict[int, tuple[Any, int]] = field(default_factory=dict)  # level -> (Region, bands)
+    meta: LevelLayout | None = None  # tiffslide's reading of the metadata, on first opening
 
 
 class PyvipsSlide(Slide):
@@ -38,12 +39,20 @@ class PyvipsSlide(Slide):
 
     def _open(self) -> Any:
         _import()
-        return _Handle(str(self.path), _level_pages(self.path))
-
-    def _describe(self, handle: _Handle) -> LevelLayout:
+        pages = getattr(self, "_pages", None)
+        if pages is not None:  # reopening: the TIFF structure was parsed already
+            return _Handle(str(self.path), pages)
         with TiffSlideSlide(self.path) as ts:  # metadata parsing is tiffslide's job
             meta = ts._layout
-        if len(meta.level_dimensions) != len(handle.pages):
+            tf = ts._get_handle()
+            series = tf.ts_tifffile.series[tf.properties.get("tiffslide.series-index", 0)]
+            pages = _level_pages(self.path, series)
+        self._pages = pages
+        return _Handle(str(self.path), pages, meta=meta)
+
+    def _describe(self, handle: _Handle) -> LevelLayout:
+        meta = handle.meta
+        if meta is None or len(meta.level_dimensions) != len(handle.pages):
             raise SlideOpenError(f"pyvips: level layout of {self.path} is not a plain pyramid")
         return LevelLayout(
             meta.level_dimensions, meta.mpp, meta.vendor, meta.properties, meta.associated
@@ -88,24 +97,22 @@ class PyvipsSlide(Slide):
         handle.regions.clear()
 
 
-def _level_pages(path: Any) -> list[tuple[int, int | None]]:
-    """TIFF (page, subifd) of each pyramid level, or SlideOpenError if pyvips can't read it."""
+def _level_pages(path: Any, series: Any) -> list[tuple[int, int | None]]:
+    """TIFF (page, subifd) of each level of a tifffile ``series``, or SlideOpenError if pyvips
+    can't read it."""
     try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            pages = []
-            for lvl in tf.series[0].levels:
-                page = lvl.keyframe
-                if not page.is_tiled:
-                    raise SlideOpenError(f"pyvips: {path} has an untiled level")
-                if int(page.compression) not in _SUPPORTED_COMPRESSION:
-                    raise SlideOpenError(
-                        f"pyvips: unsupported TIFF compression {int(page.compression)} in {path}"
-                    )
-                idx = page.index
-                pages.append((idx[0], idx[1]) if isinstance(idx, tuple) else (int(idx), None))
-            return pages
+        pages = []
+        for lvl in series.levels:
+            page = lvl.keyframe
+            if not page.is_tiled:
+                raise SlideOpenError(f"pyvips: {path} has an untiled level")
+            if int(page.compression) not in _SUPPORTED_COMPRESSION:
+                raise SlideOpenError(
+                    f"pyvips: unsupported TIFF compression {int(page.compression)} in {path}"
+                )
+            idx = page.index
+            pages.append((idx[0], idx[1]) if isinstance(idx, tuple) else (int(idx), None))
+        return pages
     except SlideOpenError:
         raise
     except Exception as exc:

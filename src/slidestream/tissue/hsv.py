@@ -31,12 +31,14 @@ class HSVDetector(TissueDetector):
 
     def threshold(self, rgb: np.ndarray, sigma_px: float) -> np.ndarray:
         from skimage.color import rgb2hsv
-        from skimage.filters import gaussian, threshold_otsu
+        from skimage.filters import threshold_otsu
+
+        from slidestream.tissue.base import gaussian_blur
 
         hsv = rgb2hsv(rgb)
         sat, val = hsv[..., 1], hsv[..., 2]
         if sigma_px > 0.3:
-            sat = gaussian(sat, sigma=sigma_px)
+            sat = gaussian_blur(sat.astype(np.float32), sigma_px)
         if float(sat.max()) < self.min_saturation:
             return np.zeros(sat.shape, bool)
         thr = max(float(threshold_otsu(sat)), self.min_saturation)

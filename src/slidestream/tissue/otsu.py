@@ -32,11 +32,13 @@ class OtsuDetector(TissueDetector):
             raise ConfigError(f"max_threshold must be in (0, 255], got {self.max_threshold}")
 
     def threshold(self, rgb: np.ndarray, sigma_px: float) -> np.ndarray:
-        from skimage.filters import gaussian, threshold_otsu
+        from skimage.filters import threshold_otsu
+
+        from slidestream.tissue.base import gaussian_blur
 
         grey = rgb.astype(np.float32) @ np.array([0.2125, 0.7154, 0.0721], np.float32)
         if sigma_px > 0.3:
-            grey = gaussian(grey, sigma=sigma_px, preserve_range=True)
+            grey = gaussian_blur(grey, sigma_px)
         lo, hi = np.percentile(grey, [1, 99])
         if hi - lo < self.min_contrast:
             return np.zeros(grey.shape, bool)
