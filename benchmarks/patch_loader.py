@@ -14,7 +14,7 @@ of 64 through ``torch.utils.data.DataLoader``; the page cache is warm, one threa
   to pre-chop every tissue patch of the cohort to JPEG files with 2 processes, and the extra disk
   each needs (mask cache vs patch files). Pre-chopping grows with the cohort and the first batch
   does not (masks are made lazily), so (d) runs on a cohort of histo-fetch's size, 151 slides
-  (``--prechop-slides``): the generated slides again and again under new names (symbolic links;
+  (``--prechop-slides``): the generated slides again and again under new names (hard links;
   each is opened, masked and chopped like a slide of its own, and the page cache is warm for all).
   ``prechop_s_base`` is the pre-chop time of the ``--slides`` cohort itself.
 
@@ -80,13 +80,17 @@ def make_cohort(n: int, size: int, folder: Path) -> list[Path]:
 
 
 def linked_cohort(paths: list[Path], n: int, folder: Path) -> list[Path]:
-    """``n`` slide names cycling through ``paths`` (symbolic links)."""
+    """``n`` slide files cycling through ``paths``: hard links (no extra disk; a cohort treats
+    each name as a slide of its own), copies where the file system has no hard links."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        link = folder / f"biopsy_{i:03d}.tiff"
-        if not link.is_symlink():
-            link.symlink_to(paths[i % len(paths)].resolve())
+        link, target = folder / f"biopsy_{i:03d}.tiff", paths[i % len(paths)]
+        if not link.exists():
+            try:
+                os.link(target, link)
+            except OSError:
+                shutil.copyfile(target, link)
         out.append(link)
     return out
 

@@ -170,8 +170,8 @@ class PatchStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
-            cv2.setNumThreads(1)  # as DataLoader does for torch: one thread per worker
+        # no cv2.setNumThreads here: in a forked worker it hangs once the parent's OpenCV thread
+        # pool has run, and the per-patch OpenCV calls are single-threaded at these sizes anyway
         rank, world = self._dist()
         shard, n_shards = rank * n_workers + worker, world * n_workers
         indices = [int(i) for i in range(len(self.cohort))]

@@ -103,7 +103,9 @@ def _from_paths(items: Sequence[str | os.PathLike[str]]) -> Cohort:
             slides.append(SlideEntry(p))
     if not slides and not problems:
         problems.append(f"no slides ({', '.join(sorted(SLIDE_SUFFIXES))}) in {list(items)}")
-    return _finish(Cohort(slides, problems, ", ".join(map(str, items))))
+    names = [str(i) for i in items]
+    source = ", ".join(names) if len(names) <= 3 else f"{len(names)} paths ({names[0]}, ...)"
+    return _finish(Cohort(slides, problems, source))
 
 
 def _from_table(path: Path) -> Cohort:
