@@ -34,9 +34,18 @@ __all__ = [
 ]
 
 _LOG256 = float(np.log(256.0))
-_ONES = (1.0, 1.0, 1.0, 0.0)  # an explicit per-channel scalar: OpenCV 4 reads 1.0 as (1, 0, 0, 0)
-# torch.rot90(k, dims=(-2, -1)) as OpenCV rotation codes (k = 1 turns counter-clockwise)
-_CV_ROTATE = {1: cv2.ROTATE_90_COUNTERCLOCKWISE, 2: cv2.ROTATE_180, 3: cv2.ROTATE_90_CLOCKWISE}
+_ZEROS = (0.0, 0.0, 0.0, 0.0)  # a per-channel scalar (OpenCV 4 would read 1.0 as (1, 0, 0, 0))
+_LOG_LUT = np.log(np.arange(256, dtype=np.float32) + 1).reshape(1, 256)
+# torch.rot90(x, k, dims=(-2, -1)), then .flip(-1) if flip, as one OpenCV call writing into dst
+_SYMMETRY = {
+    (0, True): lambda a, d: cv2.flip(a, 1, dst=d),
+    (1, False): lambda a, d: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE, dst=d),
+    (1, True): lambda a, d: cv2.flip(cv2.transpose(a), -1, dst=d),
+    (2, False): lambda a, d: cv2.rotate(a, cv2.ROTATE_180, dst=d),
+    (2, True): lambda a, d: cv2.flip(a, 0, dst=d),
+    (3, False): lambda a, d: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE, dst=d),
+    (3, True): lambda a, d: cv2.transpose(a, dst=d),
+}
 
 
 def _cv_patch(inpt: Any) -> np.ndarray | None:
@@ -79,11 +88,13 @@ class RandomFlipRot90(_PatchTransform):
         if not isinstance(inpt, torch.Tensor):
             return inpt
         k, flip = params["k"], params["flip"]
-        if (chw := _cv_patch(inpt)) is not None:  # per plane in OpenCV: ~5x faster than torch
+        if (chw := _cv_patch(inpt)) is not None:  # per plane in OpenCV: ~8x faster than torch
             if k == 0 and not flip:
                 return inpt
-            planes = [cv2.rotate(p, _CV_ROTATE[k]) if k else p for p in _planes(chw)]
-            out = np.stack([cv2.flip(p, 1) for p in planes] if flip else planes)
+            c, h, w = chw.shape
+            out = np.empty((c, w, h) if k % 2 else (c, h, w), np.uint8)
+            for plane, dst in zip(_planes(chw), _planes(out), strict=True):
+                _SYMMETRY[k, flip](plane, dst)
             return _wrap(out, inpt)
         out = torch.rot90(inpt, k, dims=(-2, -1))
         return out.flip(-1) if flip else out
@@ -94,7 +105,7 @@ class HEDJitter(_PatchTransform):
 
     Each stain's optical density is scaled by ``U(1 - sigma, 1 + sigma)`` and shifted by
     ``U(-bias, bias)``; the whole transform is one 3x3 matrix and offset in optical-density space,
-    applied in float32 (0.13 ms per 256² patch here with OpenCV, ~25x cheaper than skimage's
+    applied in float32 (0.12 ms per 256² patch here with OpenCV, ~25x cheaper than skimage's
     float64 round trip).
     """
 
@@ -123,11 +134,11 @@ class HEDJitter(_PatchTransform):
                 f"{inpt.dtype}; put it before ToDtype/Normalize"
             )
         if (chw := _cv_patch(inpt)) is not None:
-            # 0.13 ms per 256² patch here, against 0.45 ms for the torch path below
-            hwc = cv2.merge(_planes(chw))
-            log_i = cv2.log(cv2.add(hwc, _ONES, dtype=cv2.CV_32F))
-            rgb = cv2.exp(cv2.transform(log_i, params["affine"]))  # 256 * exp(-od')
-            rgb = cv2.subtract(rgb, _ONES, dtype=cv2.CV_8U)  # rounded and saturated
+            # 0.12 ms per 256² patch here, against 0.45 ms for the torch path below
+            log_i = cv2.LUT(cv2.merge(_planes(chw)), _LOG_LUT)  # log(I + 1), float32
+            # log(256 exp(-od')), kept >= 0 so that |256 exp(-od') - 1| below is the value
+            log_rgb = cv2.max(cv2.transform(log_i, params["affine"]), _ZEROS)
+            rgb = cv2.convertScaleAbs(cv2.exp(log_rgb), alpha=1.0, beta=-1.0)  # rounded, <= 255
             out = np.empty_like(chw)
             cv2.split(rgb, _planes(out))
             return _wrap(out, inpt)
