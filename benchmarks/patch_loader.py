@@ -289,6 +289,10 @@ def main() -> None:
         "prechop_disk_ratio": round(chop_bytes / sum(p.stat().st_size for p in big), 4),
         "prechop_slides": len(big),
         "prechop_over_ttfb": round(res["prechop_s"] / res["ttfb_s"], 1),
+        "prechop_over_ttfb_base": round(res["prechop_s_base"] / res["ttfb_s"], 1),
+        "disk_saving": round(
+            chop_bytes / sum(p.stat().st_size for p in big) / (mask_bytes / cohort_bytes)
+        ),
         "prechop_patches": n_patches,
         "prechop_pps": round(n_patches / res["prechop_s"], 1),
         "vs_wsistream": round(res["ours_pps_2w"] / res["wsistream_pps_2w"], 2)
