@@ -203,7 +203,7 @@ def test_opencv_paths_match_torch_paths():
     """A single CPU patch takes the OpenCV path; a batch takes the torch path: same pixels."""
     from torchvision import tv_tensors
 
-    from slidestream.data.stream import _to_chw
+    from slidestream.data.functional import to_chw
 
     x = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)
     flip = RandomFlipRot90()
@@ -228,8 +228,8 @@ def test_opencv_paths_match_torch_paths():
         flip.transform(x[:, ::2].contiguous(), {"k": 1, "flip": True}),
     )
     hwc = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    assert np.array_equal(_to_chw(hwc), hwc.transpose(2, 0, 1))
-    assert np.array_equal(_to_chw(hwc[:, ::2]), hwc[:, ::2].transpose(2, 0, 1))
+    assert np.array_equal(to_chw(hwc), hwc.transpose(2, 0, 1))
+    assert np.array_equal(to_chw(hwc[:, ::2]), hwc[:, ::2].transpose(2, 0, 1))
 
 
 def test_hed_jitter_matches_skimage_round_trip():

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from slidestream.data.functional import to_chw
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
 from slidestream.parallel import process_pool
@@ -192,7 +192,7 @@ class PatchStream(IterableDataset):
     def _item(
         self, state: _SlideState, loc: PatchLocation, rng: np.random.Generator
     ) -> dict[str, Any]:
-        image = torch.from_numpy(_to_chw(self.sampler.read(state.slide, loc)))
+        image = torch.from_numpy(to_chw(self.sampler.read(state.slide, loc)))
         label = loc.label if loc.label is not None else state.entry.label
         item: dict[str, Any] = {
             "label": self.classes.index(label) if label in self.classes else -1,
@@ -362,16 +362,6 @@ class _Run:
             if old is not None:
                 old.slide.close()
         return dropped
-
-
-def _to_chw(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, C) → contiguous (C, H, W); OpenCV's split is ~8x faster than a transposed copy."""
-    h, w, c = pixels.shape
-    if c > 4 or not pixels.flags.c_contiguous:
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-    out = np.empty((c, h, w), pixels.dtype)
-    cv2.split(pixels, list(out))
-    return out
 
 
 def _warm_imports() -> None:
