@@ -272,9 +272,8 @@ class Slide(ABC):
         pixels at the requested resolution, given as exactly one of ``mpp`` (µm/px), ``level``
         (pyramid level) or ``downsample`` (level-0 px per output px); none means level 0. Output
         pixel ``(i, j)`` covers level-0 ``[x + i*s, x + (i+1)*s)``: the region is read from the
-        finest level not coarser than the target and resized with an antialiasing filter —
-        never snapped to the nearest level. Areas outside the slide, and transparent pixels,
-        are white.
+        finest level not coarser than the target and resized with an antialiasing filter, never
+        snapped to the nearest level. Areas outside the slide and transparent pixels are white.
         """
         w, h = _check_size(w, h)
         if sum(v is not None for v in (mpp, level, downsample)) > 1:

@@ -164,10 +164,6 @@ def axis_bounds_from_probe(stride: int, band_start: int, first: int, last: int) 
     return lo, hi
 
 
-def _floor_to(v: int, m: int) -> int:
-    return (v // m) * m
-
-
 @functools.lru_cache(maxsize=256)
 def plan_axis(geom: AxisGeometry, size: int, out_size: int, tile: int) -> tuple[AxisTile, ...]:
     """Tiles along one axis of ``size`` input px whose full output has ``out_size`` px.
@@ -184,7 +180,7 @@ def plan_axis(geom: AxisGeometry, size: int, out_size: int, tile: int) -> tuple[
     tiles = []
     for o0 in range(0, out_size, step):
         o1 = min(o0 + step, out_size)
-        a = max(0, _floor_to(o0 * s + geom.lo, s))
+        a = max(0, (o0 * s + geom.lo) // s * s)  # floored to a multiple of the stride
         b = min(size, (o1 - 1) * s + geom.hi + 1)
         if b <= a:
             raise StreamingError(f"empty crop for output rows {o0}:{o1} of an image of {size} px")
