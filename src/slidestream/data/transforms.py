@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _LOG256 = float(np.log(256.0))
-_ZEROS = (0.0, 0.0, 0.0, 0.0)  # a per-channel scalar (OpenCV 4 would read 1.0 as (1, 0, 0, 0))
+_ZEROS = (0.0, 0.0, 0.0, 0.0)  # explicit 4-channel scalar: OpenCV 4 reads a bare v as (v, 0, 0, 0)
 _LOG_LUT = np.log(np.arange(256, dtype=np.float32) + 1).reshape(1, 256)
 # torch.rot90(x, k, dims=(-2, -1)), then .flip(-1) if flip, as one OpenCV call writing into dst
 _SYMMETRY = {

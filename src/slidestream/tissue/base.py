@@ -123,7 +123,7 @@ def _remove_small(binary: np.ndarray, max_size: int) -> np.ndarray:
     """``binary`` (uint8 0/1) without its 4-connected components of ``max_size`` px or fewer."""
     import cv2
 
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=4)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=4)
     keep = stats[:, cv2.CC_STAT_AREA] > max_size
     keep[0] = False  # label 0 is the background
     return keep.astype(np.uint8)[labels]
