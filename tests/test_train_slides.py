@@ -311,3 +311,31 @@ def test_kill_9_then_rerun_resumes_to_the_same_epochs(prepared, tmp_path):
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = list(csv.DictReader(metrics.read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_each_torchrun_rank_gets_its_own_gpu_and_cpu_ranks_use_gloo(monkeypatch):
+    """Under torchrun, "cuda"/"auto" is cuda:LOCAL_RANK (not GPU 0 for every rank), and the
+    process group is Gloo when the ranks train on the CPU, even on a machine with GPUs."""
+    import torch.distributed as dist
+
+    from slidestream.data.functional import resolve_device
+    from slidestream.train.slide import distributed
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3) == current[-1]
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda") == torch.device("cuda")
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", backends.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    assert distributed(torch.device("cpu")) == (1, 2)
+    assert distributed(torch.device("cuda", 0)) == (1, 2)
+    assert backends == ["gloo", "nccl"]

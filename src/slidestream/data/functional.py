@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import cv2
@@ -43,7 +44,17 @@ def normalize(
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as ``torch.device(name)``."""
+    """``"auto"`` → CUDA when available, else CPU; anything else as ``torch.device(name)``.
+
+    Under torchrun (``LOCAL_RANK`` set) a CUDA device without an index is this process's own GPU,
+    ``cuda:LOCAL_RANK``, made the current device, so that ranks do not all land on GPU 0.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", int(local_rank))
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    return device

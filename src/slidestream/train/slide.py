@@ -179,15 +179,17 @@ def predictions(task: str, logits: torch.Tensor) -> torch.Tensor:
     return logits.float().view(-1, 1)
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, initialising the process group once."""
+def distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """(rank, world size) under torchrun, initialising the process group once: NCCL when the
+    ranks train on CUDA ``device``s, Gloo otherwise (``--device cpu`` on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), world
 
 

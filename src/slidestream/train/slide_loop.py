@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 class _Loop:
     def __init__(self, cfg: SlideTrainConfig) -> None:
         self.cfg = cfg
-        self.rank, self.world = distributed()
+        self.device = resolve_device(cfg.device)  # this rank's own GPU under torchrun
+        self.rank, self.world = distributed(self.device)
         if cfg.accumulate % self.world:
             raise ConfigError(
                 f"accumulate ({cfg.accumulate}) must be a multiple of the number "
@@ -52,7 +53,6 @@ class _Loop:
         self.run = run_dir(cfg)
         torch.manual_seed(cfg.seed)
         self.train_ds, self.val_ds, self.classes = slide_datasets(cfg)
-        self.device = resolve_device(cfg.device)
         self.model = build_model(cfg, self.classes).to(self.device)
         trunk = list(self.model.stream.parameters())
         self.opt = self._optimizer(trunk, list(self.model.fc.parameters()))
