@@ -232,6 +232,38 @@ def test_opencv_paths_match_torch_paths():
     assert np.array_equal(to_chw(hwc[:, ::2]), hwc[:, ::2].transpose(2, 0, 1))
 
 
+def test_stream_runs_our_transforms_on_hwc_pixels_with_the_same_result(cohort_csv):
+    """PatchStream applies leading HEDJitter/RandomFlipRot90 steps to the pixels as read (HWC)
+    and converts to CHW once; items equal those of the tensor path, step by step."""
+    from torchvision.transforms import v2
+
+    from slidestream.data.functional import to_chw
+    from slidestream.data.transforms import split_hwc
+
+    hed, flip, vflip = HEDJitter(0.2, 0.2), RandomFlipRot90(), v2.RandomVerticalFlip()
+    assert split_hwc(v2.Compose([hed, flip])) == ([hed, flip], None)
+    assert split_hwc(v2.Compose([hed, vflip])) == ([hed], vflip)
+    assert split_hwc(v2.Compose([vflip, hed]))[0] == [] and split_hwc(vflip) == ([], vflip)
+    subclass = type("MyJitter", (HEDJitter,), {})()  # may override transform: tensor path
+    assert split_hwc(subclass) == ([], subclass)
+    hwc = np.random.default_rng(1).integers(0, 256, (31, 45, 3), dtype=np.uint8)
+    for seed in range(16):  # all 8 symmetries, odd sizes
+        for step in (hed, flip):
+            torch.manual_seed(seed)
+            a = to_chw(step.hwc(hwc))
+            torch.manual_seed(seed)
+            assert np.array_equal(a, step(torch.from_numpy(to_chw(hwc))).numpy())
+    aug = v2.Compose([hed, flip, vflip])
+    sampler = RandomPatchSampler(64, mpp=1.0)
+    fast = PatchStream(cohort_csv, sampler, transform=aug, seed=3)
+    slow = PatchStream(cohort_csv, sampler, transform=lambda x: aug(x), seed=3)
+    assert fast._split_transform() == ([hed, flip], vflip)
+    for a, b in zip(_take(fast, 40), _take(slow, 40), strict=True):
+        assert a["image"].is_contiguous() and torch.equal(a["image"], b["image"])
+    fast.transform = v2.Compose([vflip])  # a new transform is split anew
+    assert fast._split_transform() == ([], fast.transform)
+
+
 def test_hed_jitter_matches_skimage_round_trip():
     """The fused float32 transform equals rgb2hed -> scale/shift -> hed2rgb in float64 (skimage's
     convention with I + 1 / 256) to within one grey level."""

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from slidestream.data.functional import to_chw
+from slidestream.data.transforms import split_hwc
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
 from slidestream.parallel import process_pool
@@ -192,7 +193,7 @@ class PatchStream(IterableDataset):
     def _item(
         self, state: _SlideState, loc: PatchLocation, rng: np.random.Generator
     ) -> dict[str, Any]:
-        image = torch.from_numpy(to_chw(self.sampler.read(state.slide, loc)))
+        pixels = self.sampler.read(state.slide, loc)
         label = loc.label if loc.label is not None else state.entry.label
         item: dict[str, Any] = {
             "label": self.classes.index(label) if label in self.classes else -1,
@@ -202,20 +203,35 @@ class PatchStream(IterableDataset):
             "mpp": float(self.sampler.mpp or (state.slide.mpp or (math.nan,))[0]),
             "tissue_fraction": loc.tissue_fraction,
         }
-        if self.transform is not None or self.views is not None:
-            # seed torch's CPU generator from our stream, without touching the caller's state
-            # (torch.manual_seed would also queue CUDA seeding, ~0.4 ms a call)
-            saved = torch.get_rng_state()
-            torch.default_generator.manual_seed(int(rng.integers(2**63)))
-            try:
-                if self.views is not None:
-                    item["views"] = self.views(image)
-                if self.transform is not None:
-                    image = self.transform(image)
-            finally:
-                torch.set_rng_state(saved)
+        if self.transform is None and self.views is None:
+            item["image"] = torch.from_numpy(to_chw(pixels))
+            return item
+        # seed torch's CPU generator from our stream, without touching the caller's state
+        # (torch.manual_seed would also queue CUDA seeding, ~0.4 ms a call)
+        saved = torch.get_rng_state()
+        torch.default_generator.manual_seed(int(rng.integers(2**63)))
+        try:
+            steps, transform = self._split_transform()
+            for step in steps:  # our own transforms run on the HWC pixels, as read
+                pixels = step.hwc(pixels)
+            image = torch.from_numpy(to_chw(pixels))
+            if self.views is not None:
+                item["views"] = self.views(image)
+            if transform is not None:
+                image = transform(image)
+        finally:
+            torch.set_rng_state(saved)
         item["image"] = image.contiguous() if isinstance(image, torch.Tensor) else image
         return item
+
+    def _split_transform(self) -> tuple[list[Any], Any]:
+        """(leading steps of ``transform`` that run on HWC arrays, the rest), cached for the
+        current ``transform``; no HWC steps with ``views``, which see the image untransformed."""
+        key, cached = (self.transform, self.views), self.__dict__.get("_split")
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            split = split_hwc(self.transform) if self.views is None else ([], self.transform)
+            cached = self._split = (key, *split)
+        return cached[1], cached[2]
 
     # ----------------------------------------------------------------- setup helpers
     def _classes(self) -> list[str]:
@@ -346,14 +362,8 @@ class _Run:
         st._counters[_FAILED] += 1
         n = self.failures[index] = self.failures.get(index, 0) + 1
         dropped = n >= st.max_failures
-        log.warning(
-            "%s failed (%d/%d)%s: %s",
-            entry.path,
-            n,
-            st.max_failures,
-            "; dropping it" if dropped else "",
-            exc,
-        )
+        drop = "; dropping it" if dropped else ""
+        log.warning("%s failed (%d/%d)%s: %s", entry.path, n, st.max_failures, drop, exc)
         if dropped:
             st._counters[_DROPPED] += 1
             self.paused.pop(index, None)
@@ -370,16 +380,8 @@ def _warm_imports() -> None:
     import contextlib
     import importlib
 
-    for name in (
-        "scipy.ndimage",
-        "skimage.color",
-        "skimage.filters",
-        "skimage.morphology",
-        "tifffile",
-        "tiffslide",
-        "pyvips",
-        "openslide",
-    ):
+    names = "scipy.ndimage skimage.color skimage.filters skimage.morphology tifffile tiffslide"
+    for name in [*names.split(), "pyvips", "openslide"]:
         with contextlib.suppress(ImportError, OSError):  # a missing optional reader is fine
             importlib.import_module(name)
 
