@@ -167,10 +167,11 @@ class HEDJitter(_PatchTransform):
         return {"affine": (base + draw @ basis).reshape(3, 4).astype(np.float32)}
 
     def _transform_hwc(self, pixels: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        log_i = cv2.LUT(pixels, _LOG_LUT)  # log(I + 1), float32
-        # log(256 exp(-od')), kept >= 0 so that |256 exp(-od') - 1| below is the value
-        log_rgb = cv2.threshold(cv2.transform(log_i, params["affine"]), 0, 0, cv2.THRESH_TOZERO)
-        return cv2.convertScaleAbs(cv2.exp(log_rgb[1]), alpha=1.0, beta=-1.0)  # rounded, <= 255
+        # log(256 exp(-od')) from log(I + 1), then in place: kept >= 0 so that the rounded
+        # |256 exp(-od') - 1| of convertScaleAbs is the value
+        rgb = cv2.transform(cv2.LUT(pixels, _LOG_LUT), params["affine"])
+        cv2.threshold(rgb, 0, 0, cv2.THRESH_TOZERO, dst=rgb)
+        return cv2.convertScaleAbs(cv2.exp(rgb, dst=rgb), alpha=1.0, beta=-1.0)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor) or isinstance(inpt, tv_tensors.Mask):
