@@ -6,7 +6,8 @@ benchmarks/_data/cohort). Every loader draws random 256x256 patches at 0.5 µm/p
 tissue (Otsu), applies flips/90° rotations + HED stain jitter in its workers, and delivers batches
 of 64 through ``torch.utils.data.DataLoader``; the page cache is warm, one thread per process.
 
-- (a) ``PatchStream`` with 0, 1 and 2 workers (masks cached after the warm-up, as in training);
+- (a) ``PatchStream`` through ``PatchLoader`` with 0, 1 and 2 workers (masks cached after the
+  warm-up, as in training), and through a plain ``DataLoader`` with 2 workers;
 - (b) wsistream 0.1.6 at its defaults (tiffslide and OpenSlide backends, tissue masks recomputed
   when slides rotate, float32 batches), and its tissue-mask-cache variant;
 - (c) the ceiling: raw decode rate of level-1 regions drawn the same way, by the fastest reader,
@@ -20,7 +21,8 @@ of 64 through ``torch.utils.data.DataLoader``; the page cache is warm, one threa
   ``prechop_s_base`` is the pre-chop time of the ``--slides`` cohort itself.
 
 Throughputs, the ceiling's included, are the median of ``--repeats`` runs (``--batches`` batches,
-or 2000 regions, each): single runs on this 2-core machine spread by up to 10 %.
+or 2000 regions, each): single runs on this 2-core machine spread by up to 10 %. The 2-worker runs
+alternate with the ceiling's pyvips runs, so that both see the machine at the same speed.
 
 A peer that cannot be imported gives ``null`` with the reason on stderr. The last line is JSON with
 ``ours_pps_2w``, ``wsistream_pps_2w``, ``decode_pps``, ``ttfb_s``, ``prechop_s``,
@@ -50,7 +52,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from slidestream.data import HEDJitter, PatchStream, RandomFlipRot90  # noqa: E402
+from slidestream.data import HEDJitter, PatchLoader, PatchStream, RandomFlipRot90  # noqa: E402
 from slidestream.io import open_slide  # noqa: E402
 from slidestream.sampling import GridPatchSampler, RandomPatchSampler  # noqa: E402
 from slidestream.synthetic import write_synthetic_slide  # noqa: E402
@@ -125,18 +127,20 @@ def wsistream(paths: list[Path], backend: str, mask_cache: int) -> object:
     )
 
 
-def median_pps(make: object, workers: int, batches: int, repeats: int) -> tuple[float, list]:
-    runs = [loader_pps(make(), workers, batches) for _ in range(repeats)]
+def median_pps(
+    make: object, workers: int, batches: int, repeats: int, plain: bool = False
+) -> tuple[float, list]:
+    runs = [loader_pps(make(), workers, batches, plain) for _ in range(repeats)]
     return statistics.median(runs), [round(r, 1) for r in runs]
 
 
-def loader_pps(dataset: object, workers: int, batches: int, warmup: int = 3) -> float:
-    loader = DataLoader(
-        dataset,
-        batch_size=BATCH,
-        num_workers=workers,
-        worker_init_fn=one_thread if workers else None,
-    )
+def loader_pps(dataset: object, workers: int, batches: int, plain: bool, warmup: int = 3) -> float:
+    """Patches/s through a plain DataLoader (``plain``, one thread per worker) or PatchLoader."""
+    if plain:
+        init = one_thread if workers else None
+        loader = DataLoader(dataset, BATCH, num_workers=workers, worker_init_fn=init)
+    else:
+        loader = PatchLoader(dataset, BATCH, num_workers=workers)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -148,48 +152,49 @@ def loader_pps(dataset: object, workers: int, batches: int, warmup: int = 3) -> 
     return batches * BATCH / elapsed
 
 
-def decode_ceiling(
-    paths: list[Path], mask_dir: Path, repeats: int, n: int = 2000
-) -> tuple[dict[str, float], dict[str, list]]:
-    """Regions/s of the same kind of level-1 256² regions through each library directly: the
-    median of ``repeats`` runs over ``n`` new regions each."""
-    import openslide
-    import pyvips
-    import tiffslide
+class DecodeCeiling:
+    """Regions/s of level-1 256² regions drawn like ours, read through each library directly in
+    one process: ``run(name)`` times one pass over ``n`` regions it has not read before (after
+    one untimed warm-up pass, as the loaders get warm-up batches)."""
 
-    stream = PatchStream(paths, RandomPatchSampler(PATCH, MPP, 0.5), mask_dir=mask_dir, seed=1)
-    items = zip(range(n * repeats), stream, strict=False)
-    coords = [(it["slide"], it["x"], it["y"]) for _, it in items]
-    handles = {
-        p: (
-            pyvips.Region.new(pyvips.Image.tiffload(str(p), page=1, access="random")),
-            tiffslide.TiffSlide(str(p)),
-            openslide.OpenSlide(str(p)),
-        )
-        for p in map(str, paths)
-    }
-    readers = {
-        "pyvips": lambda s, x, y: np.frombuffer(
-            handles[s][0].fetch(x // 2, y // 2, PATCH, PATCH), np.uint8
-        ),
-        "tiffslide": lambda s, x, y: handles[s][1].read_region(
-            (x, y), 1, (PATCH, PATCH), as_array=True
-        ),
-        "openslide": lambda s, x, y: np.asarray(
-            handles[s][2].read_region((x, y), 1, (PATCH, PATCH))
-        ),
-    }
-    rates, runs = {}, {}
-    for name, fn in readers.items():
-        runs[name] = []
-        for r in range(repeats):
-            t0 = time.perf_counter()
-            for s, x, y in coords[r * n : (r + 1) * n]:
-                fn(s, x, y)
-            runs[name].append(round(n / (time.perf_counter() - t0), 1))
-        rates[name] = statistics.median(runs[name])
-        log(f"decode     {name:10s} {rates[name]:8.1f} regions/s (1 process, runs {runs[name]})")
-    return rates, runs
+    def __init__(self, paths: list[Path], mask_dir: Path, passes: int, n: int = 2000) -> None:
+        import openslide
+        import pyvips
+        import tiffslide
+
+        stream = PatchStream(paths, RandomPatchSampler(PATCH, MPP, 0.5), mask_dir=mask_dir, seed=1)
+        items = zip(range(n * (passes + 1)), stream, strict=False)
+        self.coords = [(it["slide"], it["x"], it["y"]) for _, it in items]
+        self.n, self.done = n, {}
+        handles = {
+            p: (
+                pyvips.Region.new(pyvips.Image.tiffload(str(p), page=1, access="random")),
+                tiffslide.TiffSlide(str(p)),
+                openslide.OpenSlide(str(p)),
+            )
+            for p in map(str, paths)
+        }
+        self.readers = {
+            "pyvips": lambda s, x, y: np.frombuffer(
+                handles[s][0].fetch(x // 2, y // 2, PATCH, PATCH), np.uint8
+            ),
+            "tiffslide": lambda s, x, y: handles[s][1].read_region(
+                (x, y), 1, (PATCH, PATCH), as_array=True
+            ),
+            "openslide": lambda s, x, y: np.asarray(
+                handles[s][2].read_region((x, y), 1, (PATCH, PATCH))
+            ),
+        }
+        for name in self.readers:
+            self.run(name, timed=False)
+
+    def run(self, name: str, timed: bool = True) -> float:
+        i = self.done.get(name, 0)
+        self.done[name] = i + 1
+        fn, t0 = self.readers[name], time.perf_counter()
+        for s, x, y in self.coords[i * self.n : (i + 1) * self.n]:
+            fn(s, x, y)
+        return self.n / (time.perf_counter() - t0)
 
 
 def ttfb(paths: list[Path], workers: int = 2) -> float:
@@ -198,13 +203,7 @@ def ttfb(paths: list[Path], workers: int = 2) -> float:
     _warm_imports()  # imports are excluded: a training script has them loaded already
     with tempfile.TemporaryDirectory() as cold:
         t0 = time.perf_counter()
-        loader = DataLoader(
-            ours(paths, Path(cold)),
-            batch_size=BATCH,
-            num_workers=workers,
-            worker_init_fn=one_thread,
-        )
-        it = iter(loader)
+        it = iter(PatchLoader(ours(paths, Path(cold)), BATCH, num_workers=workers))
         next(it)
         elapsed = time.perf_counter() - t0
         del it  # shutting the workers down is not part of the first batch's latency
@@ -256,12 +255,35 @@ def main() -> None:
     runs: dict[str, list] = {}
     res["ttfb_s"] = ttfb(big)
     log(f"time to first batch (cold, 2 workers, {len(big)} slides): {res['ttfb_s']:.2f} s")
-    for w in (0, 1, 2):
-        key = f"ours_pps_{w}w"
+    for w, plain in ((0, False), (1, False), (2, True)):
+        key = f"ours_dataloader_pps_{w}w" if plain else f"ours_pps_{w}w"
         res[key], runs[key] = median_pps(
-            lambda: ours(paths, mask_dir), w, args.batches, args.repeats
+            lambda: ours(paths, mask_dir), w, args.batches, args.repeats, plain
         )
-        log(f"ours       {w} workers {res[key]:8.1f} patches/s  (runs {runs[key]})")
+        how = "DataLoader " if plain else "PatchLoader"
+        log(f"ours       {w} workers {how} {res[key]:8.1f} patches/s  (runs {runs[key]})")
+    # 2 workers and the ceiling in alternation, so that drift in the machine's speed shows in
+    # both sides of their ratio alike (the same decode pass ran up to 15 % faster minutes later)
+    ceiling = DecodeCeiling(paths, mask_dir, args.repeats)
+    runs["ours_pps_2w"], runs["decode_pyvips"] = [], []
+    for _ in range(args.repeats):
+        pps = loader_pps(ours(paths, mask_dir), 2, args.batches, plain=False)
+        runs["ours_pps_2w"].append(round(pps, 1))
+        runs["decode_pyvips"].append(round(ceiling.run("pyvips"), 1))
+    res["ours_pps_2w"] = statistics.median(runs["ours_pps_2w"])
+    log(
+        f"ours       2 workers PatchLoader {res['ours_pps_2w']:8.1f} patches/s"
+        f"  (runs {runs['ours_pps_2w']})"
+    )
+    rates = {"pyvips": statistics.median(runs["decode_pyvips"])}
+    for name in ("tiffslide", "openslide"):
+        runs[f"decode_{name}"] = [round(ceiling.run(name), 1) for _ in range(args.repeats)]
+        rates[name] = statistics.median(runs[f"decode_{name}"])
+    for name, rate in rates.items():
+        log(
+            f"decode     {name:10s} {rate:8.1f} regions/s (1 process, runs {runs[f'decode_{name}']})"
+        )
+    res["decode_pps"] = max(rates.values())
     mask_bytes = sum(f.stat().st_size for f in mask_dir.iterdir())
     peers = {
         "wsistream_pps_2w": ("tiffslide", 0),
@@ -274,7 +296,11 @@ def main() -> None:
             continue
         try:
             res[key], runs[key] = median_pps(
-                lambda b=backend, c=cache: wsistream(paths, b, c), 2, args.batches, args.repeats
+                lambda b=backend, c=cache: wsistream(paths, b, c),
+                2,
+                args.batches,
+                args.repeats,
+                plain=True,
             )
             log(
                 f"wsistream  {backend:9s} cache={cache:<3d} 2 workers {res[key]:8.1f} patches/s"
@@ -282,9 +308,6 @@ def main() -> None:
             )
         except Exception as exc:  # the peer is optional; say why it did not run
             log(f"wsistream ({backend}) could not run: {type(exc).__name__}: {exc}")
-    rates, decode_runs = decode_ceiling(paths, mask_dir, args.repeats)
-    res["decode_pps"] = max(rates.values())
-    runs["decode_pps"] = decode_runs[max(rates, key=rates.get)]
     res["prechop_s_base"], base_patches, _ = prechop(paths)
     log(f"prechop {len(paths)} slides: {base_patches} patches in {res['prechop_s_base']:.1f} s")
     res["prechop_s"], n_patches, chop_bytes = prechop(big)
@@ -308,6 +331,7 @@ def main() -> None:
         if res["wsistream_pps_2w"]
         else None,
         "vs_ceiling_2core": round(res["ours_pps_2w"] / (2 * res["decode_pps"]), 3),
+        "patchloader_over_dataloader": round(res["ours_pps_2w"] / res["ours_dataloader_pps_2w"], 3),
         "decode_library": max(rates, key=rates.get),
         "slides": len(paths),
         "size": args.size,

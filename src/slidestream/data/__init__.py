@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from slidestream.data.functional import normalize as normalize
+from slidestream.data.loader import PatchCollate as PatchCollate
+from slidestream.data.loader import PatchLoader as PatchLoader
 from slidestream.data.monitor import LoaderMonitor as LoaderMonitor
 from slidestream.data.stream import PatchStream as PatchStream
 from slidestream.data.stream import default_mask_dir as default_mask_dir
