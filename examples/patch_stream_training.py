@@ -16,9 +16,14 @@ import time
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader
 
-from slidestream.data import LoaderMonitor, PatchStream, default_augmentation, normalize
+from slidestream.data import (
+    LoaderMonitor,
+    PatchLoader,
+    PatchStream,
+    default_augmentation,
+    normalize,
+)
 from slidestream.sampling import RandomPatchSampler, load_cohort
 
 
@@ -44,12 +49,7 @@ def main() -> None:
         balance="balanced",
         seed=0,
     )
-    loader = DataLoader(
-        stream,
-        batch_size=args.batch,
-        num_workers=args.workers,
-        worker_init_fn=lambda _: torch.set_num_threads(1),
-    )
+    loader = PatchLoader(stream, batch_size=args.batch, num_workers=args.workers)
     model = torchvision.models.get_model(args.model, weights=None, num_classes=len(stream.classes))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     monitor = LoaderMonitor(loader, stream)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from slidestream.data import PatchStream, default_augmentation, normalize
+from slidestream.data import PatchLoader, PatchStream, default_augmentation, normalize
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 from slidestream.data.hdf5 import PatchDatabase
 from slidestream.data.preview import patch_grid
@@ -103,9 +103,12 @@ def _loaders(cfg: PatchTrainConfig, data: _Data) -> tuple[DataLoader, DataLoader
         "worker_init_fn": lambda _: torch.set_num_threads(1),
     }
     gen = torch.Generator().manual_seed(cfg.seed)
-    if data.streamed:
-        train = DataLoader(data.train, **common)
-    elif cfg.balanced_sampling:
+    if data.streamed:  # batches in reused shared-memory buffers, one torch thread per worker
+        stream_common = {k: v for k, v in common.items() if k != "worker_init_fn"}
+        val_kw = {**stream_common, "persistent_workers": False}
+        val = PatchLoader(data.val, **val_kw) if data.val is not None else None
+        return PatchLoader(data.train, **stream_common), val
+    if cfg.balanced_sampling:
         labels = np.asarray(data.train.labels)
         w = 1.0 / np.maximum(np.bincount(labels, minlength=len(data.classes)), 1)[labels]
         sampler = WeightedRandomSampler(torch.as_tensor(w), len(labels), generator=gen)
