@@ -65,7 +65,7 @@ class PatchCollate:
             out.update(zip(ints, packed[: len(ints)], strict=True))
             out.update(zip(floats, as_float, strict=True))
         image = first.get("image")
-        if isinstance(image, torch.Tensor) and "image" not in out:
+        if type(image) is torch.Tensor:  # tv_tensors and others: default_collate
             images = [it["image"] for it in items]
             slot = self._slot((n, *image.shape), image.dtype, images)
             if slot is not None:
@@ -177,6 +177,8 @@ class _RecyclingIterator:
         return len(self._it)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_it":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self._it, name)
 
 
