@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+import slidestream as ss
 from slidestream.data import PatchCollate, PatchLoader, PatchStream, default_augmentation
 from slidestream.sampling import RandomPatchSampler
 
@@ -62,8 +63,8 @@ def test_patch_loader_never_overwrites_a_batch_that_is_still_held(stream_args):
     ref = DataLoader(_stream(stream_args), 8, num_workers=2)
     ref = [b for _, b in zip(range(24), ref, strict=False)]
     loader = PatchLoader(_stream(stream_args), 8, num_workers=2, prefetch_factor=1)
-    kept, views = [], []
-    for i, batch in zip(range(24), loader, strict=False):
+    kept, views, it = [], [], iter(loader)
+    for i, batch in zip(range(24), it, strict=False):
         if i % 3 == 0:
             kept.append((i, batch))
         elif i % 3 == 1:
@@ -73,6 +74,32 @@ def test_patch_loader_never_overwrites_a_batch_that_is_still_held(stream_args):
         _equal(batch, ref[i])
     for i, view in views:
         assert torch.equal(view, ref[i]["image"][2])
+    assert it._held.released >= 2  # buffers of dropped batches were reused meanwhile
+
+
+def test_patch_loader_keeps_reusing_buffers_after_early_stops(stream_args):
+    """Breaking out of a loop makes a persistent-worker DataLoader drain the batches in flight
+    at the next iter(); their buffers must come back too."""
+    loader = PatchLoader(_stream(stream_args), 4, num_workers=2, persistent_workers=True)
+    for _ in range(5):
+        for i, batch in enumerate(loader):
+            del batch
+            if i == 2:
+                break
+    before = loader._held.released
+    for i, batch in enumerate(loader):
+        del batch
+        if i == 20:
+            break
+    assert loader._held.released - before >= 15
+
+
+def test_patch_loader_without_batching_and_with_a_collate(stream_args):
+    for workers in (0, 2):
+        item = next(iter(PatchLoader(_stream(stream_args), None, num_workers=workers)))
+        assert item["image"].shape == (3, 64, 64) and isinstance(item["x"], int)
+    with pytest.raises(ss.ConfigError, match="collate_fn"):
+        PatchLoader(_stream(stream_args), 4, collate_fn=default_collate)
 
 
 def test_patch_loader_options(stream_args):

@@ -71,6 +71,19 @@ def test_save_load_roundtrip(tmp_path, slides):
     assert back.method == "otsu" and back.params == mask.params
 
 
+def test_concurrent_saves_of_the_same_mask(tmp_path, slides):
+    """Workers that make the same mask at once (two loaders, DDP ranks) must not trip over each
+    other's temporary files; once done, only the mask and its sidecar remain."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mask = detect_tissue(open_slide(slides["small"]))
+    target = tmp_path / "s.tissue.png"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: mask.save(target), range(64)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tissue.json", "s.tissue.png"]
+    np.testing.assert_array_equal(TissueMask.load(target).mask, mask.mask)
+
+
 def test_cache_reuses_and_keys_on_parameters(tmp_path, slides, monkeypatch):
     s = open_slide(slides["pyramid"])
     first = detect_tissue(s, cache_dir=tmp_path)

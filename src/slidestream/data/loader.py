@@ -20,18 +20,43 @@ Batches have the keys, shapes and dtypes of ``default_collate``. Workers run one
 from __future__ import annotations
 
 import multiprocessing as mp
+import secrets
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torch.utils.data import DataLoader, default_collate, default_convert, get_worker_info
+
+from slidestream.errors import ConfigError
 
 __all__ = ["PatchCollate", "PatchLoader"]
 
 _FREE, _BUSY = 0, 1
 _SLOT = "_slidestream_slot"  # batch key from worker to main process, removed before the caller
 _INTS, _FLOATS = ("label", "x", "y"), ("mpp", "tissue_fraction")
+_HELD: weakref.WeakValueDictionary[str, _Held] = weakref.WeakValueDictionary()
+
+
+class _Ticket:
+    """A batch's buffer slot. Unpickled in the main process, it registers the batch image with
+    that iterator's :class:`_Held` at once, so that batches the DataLoader receives and discards
+    itself (drained at a reset, parked out of order) free their slot too."""
+
+    def __init__(self, token: str, slot: int, image: torch.Tensor) -> None:
+        self.token, self.slot, self.image = token, slot, image
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _claim, (self.token, self.slot, self.image)
+
+
+def _claim(token: str, slot: int, image: torch.Tensor) -> int:
+    held = _HELD.get(token)
+    if held is not None:
+        held.add(slot, image)
+    return slot
 
 
 class PatchCollate:
@@ -41,12 +66,15 @@ class PatchCollate:
     def __init__(self) -> None:
         self.flags: Any = None  # one byte per buffer slot, shared with the main process
         self.slots = 0  # buffer slots per worker
+        self.token = ""  # names the main process's _Held of these flags
         self._buffers: dict[int, torch.Tensor] = {}  # this worker's buffers by slot
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_buffers": {}}
 
     def __call__(self, items: list[Any]) -> Any:
+        if not isinstance(items, list):  # batch_size=None: one item, as DataLoader converts it
+            return default_convert(items)
         if not items or not isinstance(items[0], Mapping):
             return default_collate(items)
         first, n = items[0], len(items)
@@ -69,14 +97,16 @@ class PatchCollate:
             images = [it["image"] for it in items]
             slot = self._slot((n, *image.shape), image.dtype, images)
             if slot is not None:
-                out["image"], out[_SLOT] = torch.stack(images, 0, out=self._buffers[slot]), slot
+                out["image"] = torch.stack(images, 0, out=self._buffers[slot])
+                out[_SLOT] = _Ticket(self.token, slot, out["image"])
+                self.flags[slot] = _BUSY
         batch = {k: out[k] if k in out else default_collate([it[k] for it in items]) for k in first}
         if _SLOT in out:
             batch[_SLOT] = out[_SLOT]
         return batch
 
     def _slot(self, shape: tuple[int, ...], dtype: torch.dtype, images: list) -> int | None:
-        """A free buffer slot of this worker (its buffer made to fit), marked busy; or None."""
+        """A free buffer slot of this worker, its buffer made to fit; or None."""
         info = get_worker_info()
         if self.flags is None or info is None:
             return None
@@ -87,7 +117,6 @@ class PatchCollate:
                 buf = self._buffers.get(slot)
                 if buf is None or buf.shape != shape or buf.dtype != dtype:
                     self._buffers[slot] = torch.empty(shape, dtype=dtype).share_memory_()
-                self.flags[slot] = _BUSY
                 return slot
         return None
 
@@ -98,7 +127,8 @@ class PatchLoader(DataLoader):
 
     ``recycle=False`` turns the buffer reuse off (each batch gets a new segment, as with a plain
     DataLoader). Reuse keeps ``prefetch_factor + 3`` batch buffers per worker in shared memory
-    (``/dev/shm``): 63 MB per worker for batches of 64 patches of 256².
+    (``/dev/shm``): 63 MB per worker for batches of 64 patches of 256². It tracks references in
+    the main process only: to hand batch images on to other processes, use ``recycle=False``.
     """
 
     def __init__(
@@ -111,15 +141,20 @@ class PatchLoader(DataLoader):
         worker_init_fn: Callable[[int], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        if "collate_fn" in kwargs:
+            raise ConfigError(
+                "PatchLoader brings its own collate_fn; for another one use "
+                "torch.utils.data.DataLoader(stream, ..., collate_fn=...)"
+            )
         super().__init__(
             dataset,
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=PatchCollate(),
+            collate_fn=PatchCollate() if batch_size is not None else default_convert,
             worker_init_fn=_OneThread(worker_init_fn),
             **kwargs,
         )
-        self.recycle = recycle and num_workers > 0
+        self.recycle = recycle and num_workers > 0 and batch_size is not None
         self._held: _Held | None = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -129,7 +164,8 @@ class PatchLoader(DataLoader):
             ctx = self.multiprocessing_context or mp.get_context()
             collate.slots = (self.prefetch_factor or 2) + 3
             collate.flags = ctx.RawArray("b", self.num_workers * collate.slots)
-            self._held = _Held(collate.flags)
+            collate.token = secrets.token_hex(8)
+            self._held = _HELD[collate.token] = _Held(collate.flags)
         return _RecyclingIterator(super().__iter__(), self._held if self.recycle else None)
 
 
@@ -138,20 +174,23 @@ class _Held:
 
     def __init__(self, flags: Any) -> None:
         self.flags, self.batches, self.released = flags, [], 0
+        self.lock = threading.Lock()  # batches arrive in the pin-memory thread with pin_memory
 
     def add(self, slot: int, image: torch.Tensor) -> None:
-        self.batches.append((slot, StorageWeakRef(image.untyped_storage())))
+        with self.lock:
+            self.batches.append((slot, StorageWeakRef(image.untyped_storage())))
 
     def release(self) -> None:
         """Free the slots of batches whose image storage is gone (no tensor or view left)."""
-        kept = []
-        for slot, ref in self.batches:
-            if ref.expired():
-                self.flags[slot] = _FREE
-                self.released += 1
-            else:
-                kept.append((slot, ref))
-        self.batches = kept
+        with self.lock:
+            kept = []
+            for slot, ref in self.batches:
+                if ref.expired():
+                    self.flags[slot] = _FREE
+                    self.released += 1
+                else:
+                    kept.append((slot, ref))
+            self.batches = kept
 
 
 class _RecyclingIterator:
@@ -167,10 +206,8 @@ class _RecyclingIterator:
         if self._held is not None:
             self._held.release()
         batch = next(self._it)
-        if isinstance(batch, dict) and _SLOT in batch:
-            slot = batch.pop(_SLOT)
-            if self._held is not None:
-                self._held.add(slot, batch["image"])
+        if isinstance(batch, dict):
+            batch.pop(_SLOT, None)  # registered with _Held when it was unpickled
         return batch
 
     def __len__(self) -> int:

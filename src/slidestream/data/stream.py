@@ -212,6 +212,8 @@ class PatchStream(IterableDataset):
         torch.default_generator.manual_seed(int(rng.integers(2**63)))
         try:
             steps, transform = self._split_transform()
+            if steps and not (pixels.dtype == np.uint8 and pixels.shape[2:] == (3,)):
+                steps, transform = [], self.transform  # not RGB bytes: the tensor path checks
             for step in steps:  # our own transforms run on the HWC pixels, as read
                 pixels = step.hwc(pixels)
             image = torch.from_numpy(to_chw(pixels))

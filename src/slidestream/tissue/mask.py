@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -139,18 +140,24 @@ class TissueMask:
         }
 
     def save(self, path: str | os.PathLike[str], **extra: Any) -> Path:
-        """Write ``path`` as a 1-bit PNG and a JSON sidecar (``.png`` → ``.json``); atomic."""
+        """Write ``path`` as a 1-bit PNG and a JSON sidecar (``.png`` → ``.json``); atomic, also
+        when several processes (DataLoader workers, DDP ranks) save the same mask at once."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta_path = path.with_suffix(".json")
+        tag = f"{os.getpid()}.{secrets.token_hex(4)}.tmp"  # each writer its own temporary files
         tmp_png, tmp_json = (
-            path.with_name(f".{path.name}.tmp"),
-            meta_path.with_name(f".{meta_path.name}.tmp"),
+            path.with_name(f".{path.name}.{tag}"),
+            meta_path.with_name(f".{meta_path.name}.{tag}"),
         )
-        Image.fromarray(self.mask).save(tmp_png, format="PNG")  # optimize=True: 5x slower
-        tmp_json.write_text(json.dumps({**self.metadata(), **extra}, indent=2))
-        os.replace(tmp_png, path)
-        os.replace(tmp_json, meta_path)
+        try:
+            Image.fromarray(self.mask).save(tmp_png, format="PNG")  # optimize=True: 5x slower
+            tmp_json.write_text(json.dumps({**self.metadata(), **extra}, indent=2))
+            os.replace(tmp_png, path)
+            os.replace(tmp_json, meta_path)
+        finally:
+            tmp_png.unlink(missing_ok=True)
+            tmp_json.unlink(missing_ok=True)
         return path
 
     @classmethod
