@@ -262,6 +262,8 @@ def test_stream_runs_our_transforms_on_hwc_pixels_with_the_same_result(cohort_cs
         assert a["image"].is_contiguous() and torch.equal(a["image"], b["image"])
     fast.transform = v2.Compose([vflip])  # a new transform is split anew
     assert fast._split_transform() == ([], fast.transform)
+    fast.transform.transforms.insert(0, hed)  # and so is one changed in place
+    assert fast._split_transform()[0] == [hed]
 
 
 def test_hed_jitter_matches_skimage_round_trip():

@@ -228,9 +228,10 @@ class PatchStream(IterableDataset):
 
     def _split_transform(self) -> tuple[list[Any], Any]:
         """(leading steps of ``transform`` that run on HWC arrays, the rest), cached for the
-        current ``transform``; no HWC steps with ``views``, which see the image untransformed."""
-        key, cached = (self.transform, self.views), self.__dict__.get("_split")
-        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+        current ``transform`` and its steps; none with ``views``, which see the image as read."""
+        steps = getattr(self.transform, "transforms", ())  # a Compose may change in place
+        key = (id(self.transform), id(self.views), *map(id, steps))
+        if (cached := self.__dict__.get("_split")) is None or cached[0] != key:
             split = split_hwc(self.transform) if self.views is None else ([], self.transform)
             cached = self._split = (key, *split)
         return cached[1], cached[2]
