@@ -159,7 +159,7 @@ class HEDJitter(_PatchTransform):
         draw = torch.rand(6, dtype=torch.float64).numpy() * 2 - 1  # torch RNG, as v2 does
         # the map is linear in the draw: base + draw @ basis, one small product per patch
         key = (self.sigma, self.bias)
-        if self._basis is None or self._basis[0] != key:
+        if getattr(self, "_basis", None) is None or self._basis[0] != key:  # type: ignore[index]
             base = self.affine(np.zeros(6))
             basis = np.stack([(self.affine(e) - base).ravel() for e in np.eye(6)])
             self._basis = key, base.ravel(), basis
