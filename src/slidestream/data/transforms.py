@@ -82,10 +82,7 @@ class _PatchTransform(v2.Transform):
         return super().forward(*inputs)
 
     def hwc(self, pixels: np.ndarray) -> np.ndarray:
-        return self._transform_hwc(pixels, self.make_params([]))
-
-    def _transform_hwc(self, pixels: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        raise NotImplementedError
+        return self._transform_hwc(pixels, self.make_params([]))  # defined by each subclass
 
 
 def split_hwc(transform: Any) -> tuple[list[_PatchTransform], Any]:
