@@ -31,7 +31,7 @@ from slidestream.io import open_slide  # noqa: E402
 from slidestream.sampling import GridPatchSampler, PatchLocation  # noqa: E402
 from slidestream.synthetic import write_synthetic_slide  # noqa: E402
 from slidestream.tissue import detect_tissue  # noqa: E402
-from slidestream.train.checkpoint import save_checkpoint  # noqa: E402
+from slidestream.models.checkpoint import save_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

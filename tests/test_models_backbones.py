@@ -83,8 +83,49 @@ def test_weights_from_local_file(tmp_path):
     assert torch.equal(trunk.conv1.weight, model.conv1.weight)
     assert head[-1].out_features == 3
     torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(ConfigError, match="does not fit resnet18"):
+    with pytest.raises(ConfigError, match=r"lack \d+ keys the model needs"):
         split_model("resnet18", weights=str(tmp_path / "bad.pt"))
+
+
+def test_one_weights_loader_drops_the_declared_head_and_reports_keys(tmp_path, caplog):
+    from slidestream.models import create_classifier, load_weights
+
+    torch.manual_seed(2)
+    src = create_classifier("resnet18", 5)  # e.g. a patch model trained on 5 classes
+    state = {f"module.{k}": v for k, v in src.state_dict().items()}  # saved from DDP
+    state["module.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "ddp.pt"
+    torch.save({"state_dict": state}, path)
+    model = create_classifier("resnet18", 2, weights=str(path))  # head dropped by its name
+    assert torch.equal(model.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    assert model.fc.out_features == 2 and not torch.equal(model.fc.weight[:2], src.fc.weight[:2])
+    fresh = create_classifier("resnet18", 5)
+    with caplog.at_level("WARNING"):
+        report = load_weights(fresh, path)  # same head: nothing dropped, the extra key reported
+    assert report.dropped == [] and report.unexpected == ["extra.weight"]
+    assert torch.equal(fresh.fc.weight, src.fc.weight) and "unexpected" in caplog.text
+    with pytest.raises(ConfigError, match="shapes differ at"):
+        load_weights(create_classifier("resnet18", 2), path)  # head kept: 5 vs 2 classes
+    with pytest.raises(ConfigError, match="lack"):
+        create_classifier("densenet121", 2, weights=str(path))
+
+
+def test_torchvision_weights_name_from_the_hub_cache(tmp_path, monkeypatch):
+    """No download: a weights name loads from the torch hub cache when the file is there."""
+    from torchvision.models import ResNet18_Weights
+
+    torch.manual_seed(3)
+    cached = torchvision.models.resnet18(weights=None)
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    torch.save(cached.state_dict(), folder / url.rsplit("/", 1)[-1])
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    trunk, _ = split_model("resnet18", weights="IMAGENET1K_V1")
+    assert torch.equal(trunk.conv1.weight, cached.conv1.weight)
+    trunk, _ = split_model("resnet18", weights="ResNet18_Weights.IMAGENET1K_V1")
+    assert torch.equal(trunk.layer1[0].conv1.weight, cached.layer1[0].conv1.weight)
 
 
 def test_errors_name_the_choices():
@@ -111,7 +152,16 @@ def _imports(path: pathlib.Path) -> set[str]:
     ("package", "allowed"),
     [
         ("streaming", ("slidestream.errors", "slidestream._version", "slidestream.streaming")),
-        ("models", ("slidestream.errors", "slidestream._version", "slidestream.models")),
+        (
+            "models",
+            (
+                "slidestream.errors",
+                "slidestream._version",
+                "slidestream.models",
+                "slidestream.streaming",
+                "slidestream.data.functional",
+            ),
+        ),
     ],
 )
 def test_layer_rule(package, allowed):

@@ -16,7 +16,8 @@ from slidestream.data.prepare import prepare_cohort
 from slidestream.sampling import load_cohort
 from slidestream.synthetic import write_synthetic_slide
 from slidestream.train import load_checkpoint
-from slidestream.train.slide import build_model, step_order
+from slidestream.data.slides import SlideSampler
+from slidestream.models.slide import SlideSpec, build_slide_model
 from slidestream.train.slide_config import SlideTrainConfig
 from slidestream.train.slide_loop import evaluate_slides, train_slides
 
@@ -99,11 +100,20 @@ def test_whole_image_augmentation_with_elastic(prepared, tmp_path):
         _cfg(prepared, tmp_path, elastic=1.5)
 
 
-def test_step_order_is_seeded_and_weighted():
-    cfg = SlideTrainConfig(data="x.csv", epoch_multiply=2)
-    a, b = step_order(5, cfg, 0), step_order(5, cfg, 0)
+def test_step_order_is_seeded_and_split_over_ranks():
+    sampler = SlideSampler(5, passes=2)
+    a, b = sampler.order(0), sampler.order(0)
     assert (a == b).all() and len(a) == 10 and sorted(a) == sorted(list(range(5)) * 2)
-    assert not (step_order(5, cfg, 1) == a).all()
+    assert not (sampler.order(1) == a).all()
+    # two ranks together take exactly the images of one process, step by step
+    one = SlideSampler(6, accumulate=4, seed=3).steps(0)
+    ranks = [SlideSampler(6, accumulate=4, seed=3, rank=r, world=2).steps(0) for r in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*ranks, strict=True)] == [sorted(s) for s in one]
+    assert list(SlideSampler(3, seed=1))[0][1] == 0  # keys carry the epoch
+    weighted = SlideSampler(4, passes=50, labels=[0, 0, 0, 1]).order(0)
+    assert 0.35 < (weighted == 3).mean() < 0.65  # the rare class drawn as often as the rest
+    with pytest.raises(ss.ConfigError, match="multiple"):
+        SlideSampler(4, accumulate=3, world=2)
 
 
 def _free_port():
@@ -146,7 +156,9 @@ def test_ddp_equals_single_process(prepared, tmp_path):
     )
     single = load_checkpoint(tmp_path / "single" / "last.pt")["state_dict"]
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]
-    init = build_model(SlideTrainConfig(**base, name="x"), ["normal", "tumour"]).state_dict()
+    spec = SlideSpec(name="resnet18", classes=["normal", "tumour"], stream_until="layer1")
+    torch.manual_seed(0)
+    init = build_slide_model(spec).state_dict()
     moved = [
         k for k in single if single[k].is_floating_point() and not torch.equal(single[k], init[k])
     ]
@@ -319,7 +331,7 @@ def test_each_torchrun_rank_gets_its_own_gpu_and_cpu_ranks_use_gloo(monkeypatch)
     import torch.distributed as dist
 
     from slidestream.data.functional import resolve_device
-    from slidestream.train.slide import distributed
+    from slidestream.train.ddp import distributed
 
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -334,8 +346,15 @@ def test_each_torchrun_rank_gets_its_own_gpu_and_cpu_ranks_use_gloo(monkeypatch)
     backends = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", backends.append)
+    timeouts = []
+    monkeypatch.setattr(
+        dist,
+        "init_process_group",
+        lambda backend, timeout: (backends.append(backend), timeouts.append(timeout)),
+    )
+    monkeypatch.setattr(dist, "new_group", lambda backend, timeout: f"{backend} side group")
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     assert distributed(torch.device("cpu")) == (1, 2)
-    assert distributed(torch.device("cuda", 0)) == (1, 2)
+    assert distributed(torch.device("cuda", 0), timeout_min=3) == (1, 2)
     assert backends == ["gloo", "nccl"]
+    assert [t.total_seconds() for t in timeouts] == [600, 180]  # minutes, not half an hour

@@ -37,9 +37,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def print_epoch(row: dict) -> None:
+    """One console line per epoch: loss, validation metrics, speed and data wait."""
+    wait = row.get("data_wait_s", 0.0) / max(row.get("time_s", 0.0), 1e-9)
+    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")]
+    parts += [
+        f"{row.get('images_per_s', 0):.2f} images/s",
+        f"data wait {wait:.0%}",
+        f"peak {row.get('peak_mem_gb', 0):.2f} GB",
+        f"{row.get('time_s', 0):.0f} s",
+    ]
+    print(" | ".join(parts), flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from slidestream.train.config import flag_overrides, load_config
-    from slidestream.train.slide import run_dir
+    from slidestream.train.runlog import run_dir
     from slidestream.train.slide_config import SlideTrainConfig
     from slidestream.train.slide_loop import evaluate_slides, train_slides
 
@@ -48,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("data", str(args.only_eval))
     cfg = load_config(SlideTrainConfig, args.config, overrides)
     if args.only_eval is not None:
-        ckpt = args.checkpoint or run_dir(cfg) / "best.pt"
-        path = evaluate_slides(ckpt, args.only_eval, run_dir(cfg))
+        ckpt = args.checkpoint or run_dir(cfg, "slides") / "best.pt"
+        path = evaluate_slides(ckpt, args.only_eval, run_dir(cfg, "slides"))
         print(f"predictions: {path}")
         return 0
-    run_path = train_slides(cfg)
+    run_path = train_slides(cfg, on_epoch=print_epoch)
     print(f"run folder: {run_path} (metrics.csv, best.pt, last.pt, curves.png)")
     return 0

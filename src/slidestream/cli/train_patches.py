@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.train.patches import train_patches
 
     cfg = load_config(PatchTrainConfig, args.config, flag_overrides(args))
-    run_dir = train_patches(cfg)
+    from slidestream.cli.train import print_epoch
+
+    run_dir = train_patches(cfg, on_epoch=print_epoch)
     print(f"run folder: {run_dir} (metrics.csv, best.pt, last.pt, curves.png, tensorboard/)")
     return 0

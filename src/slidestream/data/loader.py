@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, default_collate, default_convert, get_w
 
 from slidestream.errors import ConfigError
 
-__all__ = ["PatchCollate", "PatchLoader"]
+__all__ = ["OneThread", "PatchCollate", "PatchLoader"]
 
 _FREE, _BUSY = 0, 1
 _SLOT = "_slidestream_slot"  # batch key from worker to main process, removed before the caller
@@ -151,7 +151,7 @@ class PatchLoader(DataLoader):
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=PatchCollate() if batch_size is not None else default_convert,
-            worker_init_fn=_OneThread(worker_init_fn),
+            worker_init_fn=OneThread(worker_init_fn),
             **kwargs,
         )
         self.recycle = recycle and num_workers > 0 and batch_size is not None
@@ -219,11 +219,11 @@ class _RecyclingIterator:
         return getattr(self._it, name)
 
 
-class _OneThread:
+class OneThread:
     """Worker init: one torch thread per worker (two threads on two busy cores made a step ~15x
     slower here), then the caller's ``worker_init_fn``."""
 
-    def __init__(self, then: Callable[[int], None] | None) -> None:
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
         self.then = then
 
     def __call__(self, worker_id: int) -> None:

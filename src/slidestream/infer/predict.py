@@ -21,7 +21,7 @@ from slidestream.io import Slide, open_slide
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import GridPatchSampler, PatchLocation
 from slidestream.tissue import detect_tissue
-from slidestream.train.checkpoint import load_checkpoint
+from slidestream.models.checkpoint import load_checkpoint
 
 __all__ = ["PatchPredictor", "SlidePrediction", "aggregate"]
 

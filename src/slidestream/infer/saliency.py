@@ -22,8 +22,8 @@ from slidestream.infer.heatmap import heatmap_overlay
 from slidestream.infer.predict import SlidePrediction
 from slidestream.io import open_slide
 from slidestream.tissue import detect_tissue
-from slidestream.train.checkpoint import load_checkpoint
-from slidestream.train.slide import load_slide_model, predictions
+from slidestream.models.checkpoint import load_checkpoint
+from slidestream.models.slide import load_slide_model, predictions
 
 __all__ = ["StreamingPredictor"]
 

@@ -16,10 +16,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from slidestream.errors import ConfigError
+from slidestream.models.weights import load_weights
 
 __all__ = ["FrozenNormTrunk", "MODEL_NAMES", "split_model", "stage_names"]
 
@@ -50,6 +50,7 @@ class _Spec:
     stages: Callable[[nn.Module], list[tuple[str, nn.Module]]]
     tail: Callable[[nn.Module], list[nn.Module]]
     default_until: str
+    head: str = "classifier"  # the declared classification layer (dropped for new heads)
 
 
 def _resnet_stages(m: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -71,6 +72,7 @@ _SPECS: dict[str, _Spec] = {
             _resnet_stages,
             lambda m: [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), m.fc],
             "layer4",
+            "fc",
         )
         for name in ("resnet18", "resnet34", "resnet50")
     },
@@ -91,32 +93,21 @@ MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
 
 
 def _build(
-    name: str, weights: str | os.PathLike | None, zero_init_residual: bool = False
+    name: str,
+    weights: str | os.PathLike | None,
+    zero_init_residual: bool = False,
+    drop_head: bool = False,
 ) -> nn.Module:
     import torchvision
 
     builder = getattr(torchvision.models, name)
-    if weights is None:
-        if zero_init_residual and name.startswith("resnet"):
-            return builder(weights=None, zero_init_residual=True)
-        return builder(weights=None)
-    if os.path.exists(weights):
-        model = builder(weights=None)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"weights file {weights} does not fit {name}: {exc}") from exc
-        return model
-    try:
-        return builder(weights=str(weights))
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"unknown weights {weights!r} for {name}: pass a torchvision weights name such as "
-            "'DEFAULT' or a path to a state-dict file"
-        ) from exc
+    kwargs = (
+        {"zero_init_residual": True} if zero_init_residual and name.startswith("resnet") else {}
+    )
+    model = builder(weights=None, **kwargs)
+    if weights is not None:
+        load_weights(model, weights, arch=name, drop=(_spec(name).head,) if drop_head else ())
+    return model
 
 
 def stage_names(name: str) -> list[str]:
@@ -137,6 +128,7 @@ def split_model(
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
     zero_init_residual: bool = False,
+    drop_head: bool | None = None,
 ) -> tuple[FrozenNormTrunk, nn.Sequential]:
     """Build torchvision model ``name`` and split it into ``(trunk, head)``.
 
@@ -150,9 +142,19 @@ def split_model(
             last BatchNorm's weight is 0; Goyal et al. 2017). With BatchNorm frozen in eval
             mode nothing renormalises the activations, and a deep random-init trunk otherwise
             blows up under the first optimizer steps. Other models ignore it.
+        drop_head: leave the declared classification layer (``fc`` for ResNets, ``classifier``
+            otherwise) out of ``weights``; default: when ``num_classes`` replaces it.
+
+    Raises:
+        ConfigError: unknown model, stage or weights, or weights that do not fit.
     """
     spec = _spec(name)
-    model = _build(name, weights, zero_init_residual)
+    model = _build(
+        name,
+        weights,
+        zero_init_residual,
+        drop_head=num_classes is not None if drop_head is None else drop_head,
+    )
     stages = spec.stages(model)
     names = [n for n, _ in stages]
     until = spec.default_until if stream_until is None else stream_until

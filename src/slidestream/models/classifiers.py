@@ -11,18 +11,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from slidestream.errors import ConfigError
+from slidestream.models.weights import load_weights
 
-__all__ = ["create_classifier", "replace_head"]
+__all__ = ["create_classifier", "head_name", "replace_head"]
 
 
 def create_classifier(
     name: str, num_classes: int, weights: str | os.PathLike[str] | None = None
 ) -> nn.Module:
-    """A classifier with ``num_classes`` outputs (``timm/<name>`` uses timm if installed)."""
+    """A classifier with ``num_classes`` outputs (``timm/<name>`` uses timm if installed).
+
+    ``weights`` go through :func:`~slidestream.models.weights.load_weights` with the model's
+    declared classification layer dropped (the new head keeps its fresh initialisation).
+    Raises ConfigError for unknown models or weights that do not fit.
+    """
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if name.startswith("timm/"):
@@ -32,8 +37,13 @@ def create_classifier(
             raise ConfigError(
                 f"{name} needs timm: pip install timm (or slidestream[timm])"
             ) from exc
-        pretrained = weights is not None and not Path(str(weights)).is_file()
-        model = timm.create_model(name[5:], pretrained=pretrained, num_classes=num_classes)
+        try:
+            model = timm.create_model(name[5:], pretrained=False, num_classes=num_classes)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown timm model {name!r}: {exc}") from exc
+        head = [model.pretrained_cfg.get("classifier", "head")]
+        if weights is not None and not Path(str(weights)).is_file():
+            weights = name  # a pretrained tag: the timm hub cache of this model
     else:
         import torchvision
 
@@ -42,36 +52,33 @@ def create_classifier(
                 f"unknown torchvision model {name!r}; e.g. densenet121, resnet18, "
                 f"efficientnet_b0, convnext_tiny (or timm/<name> with timm)"
             )
-        tv_weights = weights if weights is not None and not Path(str(weights)).is_file() else None
-        try:
-            model = torchvision.models.get_model(name, weights=tv_weights)
-        except (ValueError, KeyError) as exc:
-            raise ConfigError(f"unknown weights {weights!r} for {name}: {exc}") from exc
-        replace_head(model, num_classes)
-    if weights is not None and Path(str(weights)).is_file():
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(missing) > 4 or unexpected:
-            raise ConfigError(
-                f"{weights} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        model = torchvision.models.get_model(name, weights=None)
+        head = [replace_head(model, num_classes)]
+    if weights is not None:
+        load_weights(model, weights, arch=name, drop=head)
     return model
 
 
-def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
-    """Swap the last Linear of a torchvision classifier for one with ``num_classes`` outputs."""
+def head_name(model: nn.Module) -> str:
+    """Qualified name of the last Linear of a torchvision classifier's head (e.g. ``fc``,
+    ``classifier.1``, ``heads.head``); ConfigError if there is none."""
     for attr in ("fc", "classifier", "head", "heads"):
         parent = getattr(model, attr, None)
         if parent is None:
             continue
         if isinstance(parent, nn.Linear):
-            setattr(model, attr, nn.Linear(parent.in_features, num_classes))
-            return model
-        linears = [(n, m) for n, m in parent.named_modules() if isinstance(m, nn.Linear)]
+            return attr
+        linears = [n for n, m in parent.named_modules() if isinstance(m, nn.Linear)]
         if linears:
-            path, last = linears[-1]
-            owner = parent.get_submodule(path.rsplit(".", 1)[0]) if "." in path else parent
-            setattr(owner, path.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
-            return model
+            return f"{attr}.{linears[-1]}"
     raise ConfigError(f"cannot find the classification layer of {type(model).__name__}")
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the last Linear of a torchvision classifier for one with ``num_classes`` outputs;
+    returns its qualified name."""
+    path = head_name(model)
+    owner = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    last = model.get_submodule(path)
+    setattr(owner, path.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
+    return path

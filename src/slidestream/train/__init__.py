@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from slidestream.train.checkpoint import (
+from slidestream.models.checkpoint import (
     load_checkpoint as load_checkpoint,
 )
-from slidestream.train.checkpoint import (
+from slidestream.models.checkpoint import (
     save_checkpoint as save_checkpoint,
 )
 from slidestream.train.config import load_config as load_config

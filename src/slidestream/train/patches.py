@@ -8,10 +8,9 @@ matrix image, ``val_grid_epoch<N>.png`` (validation patches with true/predicted 
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +20,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from slidestream.data import PatchLoader, PatchStream, default_augmentation, normalize
-from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
+from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
 from slidestream.data.hdf5 import PatchDatabase
+from slidestream.data.loader import OneThread
 from slidestream.data.preview import patch_grid
 from slidestream.errors import ConfigError
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import RandomPatchSampler, load_cohort
-from slidestream.train.checkpoint import load_checkpoint, save_checkpoint
-from slidestream.train.config import config_dict, save_config
+from slidestream.train.config import config_dict
+from slidestream.train.loop import fit, settings_of
 from slidestream.train.metrics import classification_metrics
 from slidestream.train.patch_config import PatchTrainConfig
-from slidestream.train.plots import confusion_image, curves_image
+from slidestream.train.runlog import file_digest, run_dir
+from slidestream.train.task import Task
 
-__all__ = ["PatchTrainConfig", "train_patches"]
+__all__ = ["PatchTask", "PatchTrainConfig", "train_patches"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _loaders(cfg: PatchTrainConfig, data: _Data) -> tuple[DataLoader, DataLoader
         "batch_size": cfg.batch_size,
         "num_workers": cfg.workers,
         "persistent_workers": cfg.workers > 0,
-        "worker_init_fn": lambda _: torch.set_num_threads(1),
+        "worker_init_fn": OneThread(),
     }
     gen = torch.Generator().manual_seed(cfg.seed)
     if data.streamed:  # batches in reused shared-memory buffers, one torch thread per worker
@@ -119,199 +120,164 @@ def _loaders(cfg: PatchTrainConfig, data: _Data) -> tuple[DataLoader, DataLoader
     return train, val
 
 
-def train_patches(cfg: PatchTrainConfig) -> Path:
-    """Train (or resume) a patch classifier; returns the run folder."""
-    run = Path(cfg.out) / cfg.name
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    data = _load_data(cfg)
-    device = resolve_device(cfg.device)
-    model = create_classifier(cfg.model, len(data.classes), cfg.weights).to(device)
-    opt = (
-        torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.optimizer == "adamw"
-        else torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+class PatchTask(Task):
+    """Patch classification (``slidestream train-patches``) on the one training loop."""
+
+    kind = "patch"
+
+    def __init__(self, cfg: PatchTrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data = _load_data(cfg)
+        self.classes = self.data.classes
+        self._it: Any = None
+
+    def setup(self, device: torch.device, rank: int, world: int, channels_last: bool) -> None:
+        cfg = self.cfg
+        self.device, self.channels_last = device, channels_last
+        self.model = create_classifier(cfg.model, len(self.classes), cfg.weights).to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.train_loader, self.val_loader = _loaders(cfg, self.data)
+        self._steps = cfg.steps_per_epoch or (200 if self.data.streamed else len(self.train_loader))
+        self.weight = None
+        if cfg.class_weighting == "balanced":
+            c = torch.tensor(self.data.counts, dtype=torch.float32).clamp(min=1)
+            self.weight = (c.sum() / (len(c) * c)).to(device)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.parameters()), "lr": self.cfg.lr}]
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-    )
-    train_loader, val_loader = _loaders(cfg, data)
-    steps = cfg.steps_per_epoch or (200 if data.streamed else len(train_loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        (
-            lambda s: (
-                0.5 * (1 + math.cos(math.pi * min(s, steps * cfg.epochs) / (steps * cfg.epochs)))
-            )
+
+    def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+        total = steps_per_epoch * self.cfg.epochs
+        if self.cfg.schedule != "cosine":
+            return None
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
-        if cfg.schedule == "cosine"
-        else (lambda s: 1.0),
-    )
-    weight = None
-    if cfg.class_weighting == "balanced":
-        c = torch.tensor(data.counts, dtype=torch.float32).clamp(min=1)
-        weight = (c.sum() / (len(c) * c)).to(device)
-    state = _Trainer(cfg, run, data, model, opt, sched, weight, device, steps)
-    state.resume()
-    state.fit(train_loader, val_loader)
-    return run
 
+    def start_epoch(self, epoch: int) -> None:
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(epoch)
 
-class _Trainer:
-    def __init__(
-        self,
-        cfg: PatchTrainConfig,
-        run: Path,
-        data: _Data,
-        model: torch.nn.Module,
-        opt: torch.optim.Optimizer,
-        sched: Any,
-        weight: torch.Tensor | None,
-        device: torch.device,
-        steps: int,
-    ) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def steps_per_epoch(self) -> int:
+        return self._steps
 
-        self.cfg, self.run, self.data, self.model = cfg, run, data, model
-        self.opt, self.sched, self.weight, self.device, self.steps = (
-            opt,
-            sched,
-            weight,
-            device,
-            steps,
-        )
-        self.epoch, self.best = 0, -math.inf
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
-        self.tb = SummaryWriter(str(run / "tensorboard"))
-        self.history: list[dict[str, float]] = []
+    def steps(self, epoch: int) -> Iterator[list[Any]]:
+        for _ in range(self._steps):
+            yield _Lazy(self)
 
-    def resume(self) -> None:
-        last = self.run / "last.pt"
-        if not last.exists():
-            return
-        ckpt = load_checkpoint(last, map_location=self.device)
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["scheduler"])
-        self.epoch, self.best = int(ckpt["epoch"]), float(ckpt["best_metric"])
-        self.history = list(ckpt.get("history", []))
-        log.info("resuming %s from epoch %d", self.run, self.epoch)
+    def next_batch(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self.train_loader)
+        batch = next(self._it, None)
+        if batch is None:  # a pass over the database ended: start the next one
+            self._it = iter(self.train_loader)
+            batch = next(self._it, None)
+        if batch is None:
+            raise ConfigError(f"{self.cfg.data} gave no training patches")
+        return batch
 
-    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None) -> None:
-        from tqdm import tqdm
+    def loss(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        x = normalize(batch["image"], device=device, channels_last=self.channels_last)
+        y = batch["label"].to(device, non_blocking=True)
+        logits = self.model(x)
+        return torch.nn.functional.cross_entropy(logits.float(), y, weight=self.weight), len(y)
 
-        it = iter(train_loader)
-        for epoch in range(self.epoch, self.cfg.epochs):
-            if hasattr(self.data.train, "set_epoch"):
-                self.data.train.set_epoch(epoch)
-            self.model.train()
-            t0, total, n = time.perf_counter(), 0.0, 0
-            bar = tqdm(range(self.steps), desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False)
-            for _ in bar:
-                batch = next(it, None)
-                if batch is None:
-                    it = iter(train_loader)
-                    batch = next(it)
-                loss = self._step(batch)
-                total, n = total + loss, n + 1
-                bar.set_postfix(loss=f"{total / n:.4f}")
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": total / max(n, 1),
-                "lr": self.opt.param_groups[0]["lr"],
-                "time_s": time.perf_counter() - t0,
-            }
-            if val_loader is not None and (epoch + 1) % self.cfg.val_interval == 0:
-                row.update(self._validate(val_loader, epoch + 1))
-            self.epoch = epoch + 1
-            self._log(row)
-
-    def _step(self, batch: dict[str, Any]) -> float:
-        x = normalize(batch["image"], device=self.device)
-        y = batch["label"].to(self.device)
-        amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        with torch.autocast(self.device.type, dtype=amp_dtype, enabled=self.cfg.amp):
-            loss = torch.nn.functional.cross_entropy(self.model(x), y, weight=self.weight)
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.sched.step()
-        return float(loss.detach())
+    def has_validation(self) -> bool:
+        return self.val_loader is not None
 
     @torch.no_grad()
-    def _validate(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+    def evaluate(self, rank: int, world: int) -> dict[str, Any]:
         self.model.eval()
         probs, labels, images = [], [], []
-        for batch in loader:
-            out = self.model(normalize(batch["image"], device=self.device)).float()
-            probs.append(torch.softmax(out, 1).cpu())
+        for batch in self.val_loader:
+            x = normalize(batch["image"], device=self.device, channels_last=self.channels_last)
+            probs.append(torch.softmax(self.model(x).float(), 1).cpu())
             labels.append(batch["label"])
             if sum(len(i) for i in images) < 32:
                 images.append(batch["image"])
+        self.model.train()
         p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-        m = classification_metrics(y, p, len(self.data.classes))
-        self.tb.add_image(
-            "val/confusion",
-            confusion_image(m["confusion"], self.data.classes),
-            epoch,
-            dataformats="HWC",
-        )
-        self._grid(torch.cat(images)[:32], y[:32], p[:32], epoch)
-        return {f"val_{k}": v for k, v in m.items() if k != "confusion"}
+        self._grid = (torch.cat(images)[:32], y[:32], p[:32])
+        return classification_metrics(y, p, len(self.classes))
 
-    def _grid(self, images: torch.Tensor, y: np.ndarray, p: np.ndarray, epoch: int) -> None:
+    def epoch_images(self, epoch: int, rows: list[dict[str, Any]]) -> None:
+        grid = getattr(self, "_grid", None)
+        if grid is None:
+            return
         from PIL import Image
 
-        cls = self.data.classes
+        images, y, p = grid
+        cls = self.classes
         caps = [
             f"true {cls[t][:10]}\npred {cls[int(q.argmax())][:10]} {q.max():.2f}"
             for t, q in zip(y, p, strict=True)
         ]
-        grid = patch_grid([i.permute(1, 2, 0).numpy() for i in images], caps, columns=8, tile=96)
-        Image.fromarray(grid).save(self.run / f"val_grid_epoch{epoch}.png")
+        tiles = patch_grid([i.permute(1, 2, 0).numpy() for i in images], caps, columns=8, tile=96)
+        Image.fromarray(tiles).save(
+            Path(self.cfg.out) / self._run_name / f"val_grid_epoch{epoch}.png"
+        )
+        self._grid = None
 
-    def _log(self, row: dict[str, float]) -> None:
-        self.history.append(row)
-        for k, v in row.items():
-            if k != "epoch" and isinstance(v, float) and math.isfinite(v):
-                self.tb.add_scalar(k.replace("_", "/", 1), v, int(row["epoch"]))
-        path = self.run / "metrics.csv"
-        keys = list(dict.fromkeys(k for r in self.history for k in r))
-        with open(path, "w", newline="") as f:  # rewritten whole: resume-safe
-            w = csv.DictWriter(f, keys)
-            w.writeheader()
-            w.writerows(self.history)
-        metric = row.get(f"val_{self.cfg.best_metric}", -row["train_loss"])
-        is_best = math.isfinite(metric) and metric >= self.best  # ties: the later epoch
-        self.best = max(self.best, metric) if math.isfinite(metric) else self.best
-        state = self._state()
-        save_checkpoint(self.run / "last.pt", state)
-        if is_best:
-            save_checkpoint(self.run / "best.pt", state)
-        from PIL import Image
-
-        series = {
-            k: [r.get(k, float("nan")) for r in self.history]
-            for k in ("train_loss", f"val_{self.cfg.best_metric}")
-            if k in keys
-        }
-        Image.fromarray(curves_image(series)).save(self.run / "curves.png")
-        self.tb.flush()
-
-    def _state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
-            "kind": "patch",
-            "model": {"name": self.cfg.model, "num_classes": len(self.data.classes)},
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "epoch": self.epoch,
-            "best_metric": self.best,
-            "classes": self.data.classes,
+            "kind": self.kind,
+            "model": {"name": self.cfg.model, "num_classes": len(self.classes)},
+            "classes": self.classes,
             "mpp": self.data.mpp,
             "patch_size": self.data.size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "config": config_dict(self.cfg),
-            "history": self.history,
         }
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.cfg.model,
+            "classes": self.classes,
+            "task": "multiclass",
+            "patch_size": self.data.size,
+            "mpp": self.data.mpp,
+            "data": f"{Path(self.cfg.data).resolve()} ({_data_identity(self.cfg.data)})",
+        }
+
+
+class _Lazy:
+    """One optimizer step of a patch run: a single batch, fetched when the loop asks."""
+
+    def __init__(self, task: PatchTask) -> None:
+        self.task = task
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield self.task.next_batch()
+
+
+def _data_identity(path: str) -> str:
+    """A database: its patch and class counts (cheap, changes when it is rebuilt); a cohort
+    file: a digest of its bytes."""
+    if _is_db(path):
+        db = PatchDatabase(path)
+        return f"{len(db)} patches, {db.class_counts}"
+    return file_digest(path)
+
+
+def train_patches(
+    cfg: PatchTrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None
+) -> Path:
+    """Train (or resume) a patch classifier; returns the run folder.
+
+    Raises ConfigError for bad settings or data, or a run folder that holds another run.
+    """
+    run = run_dir(cfg, "patches")
+    task = PatchTask(cfg)
+    task._run_name = run.name
+    return fit(task, settings_of(cfg, run), on_epoch)

@@ -1,106 +1,42 @@
 """Whole-slide training end to end with slide labels, on the exact streaming engine.
 
-The trunk of a torchvision CNN runs tile by tile (:class:`~slidestream.streaming.StreamingModule`)
-over whole prepared slides; global max or mean pooling and a linear layer make the call. Batches
-are single images with gradient accumulation; under ``torchrun`` each rank streams its share of
-every optimizer step's images and gradients are summed across ranks once per step, so training
-equals single-process training with the same effective batch.
+:class:`SlideTask` is the streamed slide classifier's side of the one training loop
+(:func:`~slidestream.train.loop.fit`): items come through a ``torch.utils.data.DataLoader``
+whose ``workers`` read only the window each step uses from the prepared slide, with its tissue
+mask, while the GPU trains; the mask is expanded and whole-image augmentation (flips/rot90, HED
+jitter, elastic) applied on the GPU after upload (in the workers when training on the CPU),
+one seeded draw per image. Batches are single images with gradient accumulation; under
+``torchrun`` each rank reads and streams its share of every optimizer step's images.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from slidestream.data import CoarseElastic, HEDJitter, RandomFlipRot90
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
-from slidestream.data.slides import SlideImageDataset
+from slidestream.data.slides import SlideImageDataset, SlideSampler, finish_image
 from slidestream.errors import ConfigError
-from slidestream.models import split_model
+from slidestream.models.slide import SlideSpec, build_slide_model, predictions
 from slidestream.sampling import Cohort, load_cohort
-from slidestream.streaming import StreamingModule
+from slidestream.train.config import config_dict
+from slidestream.train.metrics import classification_metrics, regression_metrics
+from slidestream.train.runlog import file_digest
 from slidestream.train.slide_config import SlideTrainConfig
+from slidestream.train.task import Task
 
-__all__ = ["SlideClassifier", "build_model", "load_slide_model", "slide_datasets", "step_order"]
+__all__ = ["SlideTask", "loss_fn", "metrics_for", "slide_datasets"]
 
 log = logging.getLogger(__name__)
-
-
-class SlideClassifier(nn.Module):
-    """Streamed trunk → global pooling → linear. Input: (N, 3, H, W) uint8 or float in [0, 255]."""
-
-    def __init__(
-        self, trunk: nn.Module, channels: int, outputs: int, *, tile_size: int, pooling: str = "max"
-    ) -> None:
-        super().__init__()
-        self.stream = StreamingModule(
-            trunk,
-            tile_size,
-            background=255.0,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            input_scale=1.0 / 255.0,
-        )
-        self.pooling = pooling
-        self.fc = nn.Linear(channels, outputs)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stream(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        pooled = f.amax(dim=(2, 3)) if self.pooling == "max" else f.mean(dim=(2, 3))
-        return self.fc(pooled)
-
-
-def outputs_for(task: str, classes: list[str]) -> int:
-    return (
-        1
-        if task == "regression"
-        else max(2, len(classes))
-        if task != "multilabel"
-        else len(classes)
-    )
-
-
-def build_model(cfg: SlideTrainConfig, classes: list[str]) -> SlideClassifier:
-    """The streamed model described by ``cfg`` (weights as ``cfg.weights`` says)."""
-    # from random init, residual branches start at zero: the frozen (eval-mode) BatchNorms do
-    # not renormalise, and an unnormalised deep trunk diverges under the first updates
-    trunk, _ = split_model(
-        cfg.model, cfg.stream_until, cfg.weights, zero_init_residual=cfg.weights is None
-    )
-    with torch.no_grad():
-        channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
-    trunk.train()
-    return SlideClassifier(
-        trunk,
-        channels,
-        outputs_for(cfg.task, classes),
-        tile_size=cfg.tile_size,
-        pooling=cfg.pooling,
-    )
-
-
-def load_slide_model(ckpt: dict[str, Any]) -> tuple[SlideClassifier, SlideTrainConfig]:
-    """Rebuild a streamed model from a ``kind="streaming"`` checkpoint (random init, then the
-    checkpoint's weights)."""
-    if ckpt.get("kind") != "streaming":
-        raise ConfigError(f"not a streaming checkpoint (kind {ckpt.get('kind')!r})")
-    fields = SlideTrainConfig.__dataclass_fields__
-    cfg = SlideTrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    cfg.weights = None
-    model = build_model(cfg, list(ckpt["classes"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model, cfg
 
 
 def resolve_classes(cfg: SlideTrainConfig, cohort: Cohort) -> list[str]:
@@ -111,6 +47,17 @@ def resolve_classes(cfg: SlideTrainConfig, cohort: Cohort) -> list[str]:
     if cfg.task == "multilabel":
         return sorted({p.strip() for s in cohort for p in (s.label or "").split(";") if p.strip()})
     return cohort.classes
+
+
+def augmentation(cfg: SlideTrainConfig) -> nn.Module | None:
+    """Whole-image augmentation of ``cfg``: flips/rot90 and HED jitter, elastic with
+    probability ``cfg.elastic``; None when off."""
+    if not cfg.augmentation:
+        return None
+    ops: list[nn.Module] = [RandomFlipRot90(), HEDJitter()]
+    if cfg.elastic > 0:
+        ops.append(v2.RandomApply([CoarseElastic(sigma=8.0, spacing=256)], p=cfg.elastic))
+    return nn.Sequential(*ops)
 
 
 def slide_datasets(
@@ -132,88 +79,240 @@ def slide_datasets(
         raise ConfigError(f"no training slides in {cfg.data}")
     classes = resolve_classes(cfg, train_c)
     size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
-    aug = None
-    if cfg.augmentation:
-        ops: list[torch.nn.Module] = [RandomFlipRot90(), HEDJitter()]
-        if cfg.elastic > 0:
-            ops.append(v2.RandomApply([CoarseElastic(sigma=8.0, spacing=256)], p=cfg.elastic))
-        aug = torch.nn.Sequential(*ops)
     train = SlideImageDataset(
-        train_c, cfg.task, classes, image_size=size, train=True, transform=aug, seed=cfg.seed
+        train_c,
+        cfg.task,
+        classes,
+        image_size=size,
+        train=True,
+        transform=augmentation(cfg),
+        seed=cfg.seed,
     )
     val = SlideImageDataset(val_c, cfg.task, classes, image_size=size) if val_c else None
     return train, val, classes
 
 
-def step_order(
-    n: int,
-    cfg: SlideTrainConfig,
-    epoch: int,
-    targets: list[Any] | None = None,
-) -> np.ndarray:
-    """Image order of one epoch (seeded by epoch): ``epoch_multiply`` passes, shuffled, or drawn
-    inversely to class frequency with ``weighted_sampler``."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    total = n * cfg.epoch_multiply
-    if cfg.weighted_sampler and targets is not None:
-        labels = np.asarray([int(t) for t in targets])
-        w = 1.0 / np.bincount(labels)[labels]
-        return rng.choice(n, total, p=w / w.sum())
-    return np.concatenate([rng.permutation(n) for _ in range(cfg.epoch_multiply)])
-
-
 def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (binary/multiclass), BCE with logits (multilabel), smooth L1 (regression)."""
     if task in ("binary", "multiclass"):
-        return nn.functional.cross_entropy(logits, target.long().view(-1))
+        return nn.functional.cross_entropy(logits.float(), target.long().view(-1))
     if task == "multilabel":
-        return nn.functional.binary_cross_entropy_with_logits(logits, target.float())
-    return nn.functional.smooth_l1_loss(logits.view(-1), target.float().view(-1))
+        return nn.functional.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return nn.functional.smooth_l1_loss(logits.float().view(-1), target.float().view(-1))
 
 
-def predictions(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Probabilities (classification) or values (regression) from logits."""
-    if task in ("binary", "multiclass"):
-        return torch.softmax(logits.float(), 1)
+def metrics_for(task: str, targets: np.ndarray, out: np.ndarray, n_cls: int) -> dict[str, Any]:
+    """Validation metrics of predictions ``out`` (N, outputs) against ``targets``."""
+    if task == "regression":
+        return regression_metrics(targets, out[:, 0])
     if task == "multilabel":
-        return torch.sigmoid(logits.float())
-    return logits.float().view(-1, 1)
+        from sklearn.metrics import roc_auc_score
 
-
-def distributed(device: torch.device | None = None) -> tuple[int, int]:
-    """(rank, world size) under torchrun, initialising the process group once: NCCL when the
-    ranks train on CUDA ``device``s, Gloo otherwise (``--device cpu`` on a GPU machine too)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world
-
-
-def run_dir(cfg: SlideTrainConfig) -> Path:
-    return Path(cfg.out) / cfg.name
-
-
-def average_states(paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of the float tensors of several checkpoints' state dicts."""
-    from slidestream.train.checkpoint import load_checkpoint
-
-    states = [load_checkpoint(p)["state_dict"] for p in paths]
-    out = {}
-    for k, v in states[0].items():
-        out[k] = (
-            torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
-            if v.is_floating_point()
-            else v
+        ok = [j for j in range(out.shape[1]) if len(np.unique(targets[:, j])) == 2]
+        auc = (
+            float(np.mean([roc_auc_score(targets[:, j], out[:, j]) for j in ok])) if ok else np.nan
         )
-    return out
+        return {"auc": float(auc), "accuracy": float(((out > 0.5) == targets).mean())}
+    return classification_metrics(targets.astype(int), out, max(2, n_cls))
 
 
-def is_better(metric: str, value: float, best: float) -> bool:
-    if not math.isfinite(value):
-        return False
-    # ties go to the later epoch: equal ranking metrics, but longer training
-    return value <= best if metric.endswith("loss") or metric == "mae" else value >= best
+def _loader(
+    ds: SlideImageDataset, sampler: Any, cfg: SlideTrainConfig, cuda: bool, persistent: bool
+) -> DataLoader:
+    from slidestream.data.loader import OneThread
+
+    workers = cfg.workers
+    return DataLoader(
+        ds,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=cfg.prefetch if workers > 0 else None,
+        worker_init_fn=OneThread() if workers > 0 else None,
+    )
+
+
+class SlideTask(Task):
+    """Streamed whole-slide classification/regression with slide labels (``slidestream train``)."""
+
+    kind = "streaming"
+
+    def __init__(self, cfg: SlideTrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_ds, self.val_ds, self.classes = slide_datasets(cfg)
+        self.spec = SlideSpec(
+            name=cfg.model,
+            task=cfg.task,
+            classes=self.classes,
+            stream_until=cfg.stream_until,
+            pooling=cfg.pooling,
+            tile_size=cfg.tile_size if isinstance(cfg.tile_size, int) else 1024,
+            stages=cfg.stage_list,
+        )
+
+    # --- set-up ------------------------------------------------------------------------------
+    def setup(self, device: torch.device, rank: int, world: int, channels_last: bool) -> None:
+        cfg, cuda = self.cfg, device.type == "cuda"
+        self.device, self.rank, self.world = device, rank, world
+        self.model = build_slide_model(self.spec, cfg.weights, channels_last=channels_last)
+        self.model.to(device)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if cfg.tile_size == "auto":
+            self._auto_tile(device)
+        # augmentation where it is cheapest: the GPU after upload, else the loader workers
+        self.train_ds.finish_in_worker = not cuda
+        if self.val_ds is not None:
+            self.val_ds.finish_in_worker = not cuda
+        labels = None
+        if cfg.weighted_sampler:
+            labels = [int(self.train_ds.target(s.label)) for s in self.train_ds.cohort]
+        self.sampler = SlideSampler(
+            len(self.train_ds),
+            accumulate=cfg.accumulate,
+            rank=rank,
+            world=world,
+            seed=cfg.seed,
+            passes=cfg.epoch_multiply,
+            labels=labels,
+        )
+        self.loader = _loader(self.train_ds, self.sampler, cfg, cuda, persistent=True)
+
+    def _auto_tile(self, device: torch.device) -> None:
+        from slidestream.train.loop import amp_dtype
+        from slidestream.train.tuning import auto_tile_size
+
+        cfg = self.cfg
+        size = cfg.image_size or max(max(self._slide_dims(e.path)) for e in self.train_ds.cohort)
+        tile = auto_tile_size(
+            self.model,
+            (size, size),
+            device,
+            budget_gb=cfg.memory_budget,
+            dtype=amp_dtype(device, cfg.amp),
+        )
+        self.spec.tile_size = tile
+        log.info("tile size %d px (auto, %s)", tile, device)
+
+    @staticmethod
+    def _slide_dims(path: Path) -> tuple[int, int]:
+        from slidestream.io import open_slide
+
+        with open_slide(path) as s:
+            return s.dimensions
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        trunk_lr = cfg.lr * (cfg.trunk_lr_factor if cfg.unfreeze_epoch else 1.0)
+        return [
+            {"params": list(self.model.fc.parameters()), "lr": cfg.lr},
+            {"params": list(self.model.trunk.parameters()), "lr": trunk_lr},
+        ]
+
+    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # --- training ----------------------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        cfg = self.cfg
+        trainable = cfg.train_all_layers and (not cfg.unfreeze_epoch or epoch >= cfg.unfreeze_epoch)
+        for p in self.model.trunk.parameters():
+            p.requires_grad_(trainable)
+        self.sampler.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler.steps())
+
+    def steps(self, epoch: int) -> Iterator[Iterator[dict[str, Any]]]:
+        it = iter(self.loader)
+        for step in self.sampler.steps(epoch):
+            yield (next(it) for _ in step)
+
+    def loss(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        transform = None if self.train_ds.finish_in_worker else self.train_ds.transform
+        image = finish_image(batch, transform, device)[None]
+        target = batch["target"][None].to(device, non_blocking=True)
+        return loss_fn(self.cfg.task, self.model(image), target), 1
+
+    def loss_scale(self, images: int) -> float:
+        return 1.0 / self.cfg.accumulate
+
+    # --- evaluation --------------------------------------------------------------------------
+    def has_validation(self) -> bool:
+        return self.val_ds is not None
+
+    def evaluate(self, rank: int, world: int) -> dict[str, Any]:
+        from slidestream.train.ddp import all_gather
+
+        mine = infer(self.model, self.val_ds, self.cfg, self.device, rank, world, self.skipped)
+        rows = sorted(r for part in all_gather(mine, world) for r in part)
+        if not rows:
+            return {}
+        out = np.stack([r[1] for r in rows])
+        targets = np.stack([r[2] for r in rows])
+        return metrics_for(self.cfg.task, targets, out, len(self.classes))
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        values = {s.mpp for s in self.train_ds.cohort if s.mpp}
+        return {
+            "kind": self.kind,
+            "model": self.spec.as_dict(),
+            "classes": self.classes,
+            "task": self.cfg.task,
+            "mpp": values.pop() if len(values) == 1 else None,
+            "tile_size": self.spec.tile_size,
+            "image_size": self.cfg.image_size,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "config": {**config_dict(self.cfg), "tile_size": self.spec.tile_size},
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "kind": self.kind,
+            "model": cfg.model,
+            "stream_until": cfg.stream_until,
+            "pooling": cfg.pooling,
+            "task": cfg.task,
+            "classes": self.classes,
+            "data": f"{Path(cfg.data).resolve()} ({file_digest(cfg.data)})",
+        }
+
+
+@torch.no_grad()
+def infer(
+    model: nn.Module,
+    ds: SlideImageDataset,
+    cfg: Any,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    skipped: dict[str, str] | None = None,
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(index, prediction, target) of this rank's share of ``ds`` (every ``world``-th item),
+    read by DataLoader workers; unreadable slides are left out (and listed in ``skipped``)."""
+    model.eval()
+    cuda = device.type == "cuda"
+    loader = _loader(ds, range(rank, len(ds), world), cfg, cuda, persistent=False)
+    rows = []
+    for item in loader:
+        if "error" in item:
+            if skipped is not None:
+                skipped[str(item["slide"])] = str(item["error"])
+            log.warning("skipping %s", item["error"])
+            continue
+        image = finish_image(item, None, device)[None]
+        out = predictions(cfg.task, model(image)).cpu().numpy()[0]
+        rows.append((int(item["index"]), out, item["target"].numpy()))
+    model.train()
+    return rows

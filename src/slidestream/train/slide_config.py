@@ -22,7 +22,11 @@ class SlideTrainConfig:
     weights: str | None = None  # torchvision weights name, state-dict file, or none
     pooling: str = "max"  # global max or mean pooling of the streamed feature map
     image_size: int | None = 2048  # square crop/pad (random for training); none: whole slide
-    tile_size: int = 1024  # streaming tile in input px (multiple of the output stride)
+    tile_size: str | int = (
+        "auto"  # streaming tile in input px, or auto (probe on CUDA; 1024 on CPU)
+    )
+    memory_budget: float | None = None  # GB for --tile-size auto; default: 85% of free memory
+    stages: str | None = None  # cut the streaming after these trunk stages, e.g. layer2
     epochs: int = 10
     lr: float = 1e-4
     optimizer: str = "sgd"  # sgd (momentum) | adamw
@@ -33,7 +37,8 @@ class SlideTrainConfig:
     train_all_layers: bool = True  # False: train the head only
     unfreeze_epoch: int = 0  # > 0: trunk frozen until this epoch, then trained at trunk_lr
     trunk_lr_factor: float = 0.1
-    amp: bool = False
+    amp: bool | None = None  # mixed precision; none: on for CUDA (bf16, or fp16 + GradScaler)
+    channels_last: bool | None = None  # channels-last trunk and crops; none: on for CUDA
     epoch_multiply: int = 1  # passes over the training slides per epoch
     train_set_size: int | None = None  # use only the first N training slides
     val_interval: int = 1
@@ -42,10 +47,12 @@ class SlideTrainConfig:
     best_metric: str = "auc"  # validation metric for best.pt (loss is minimised)
     average_window: int = 0  # > 0: average weights of epochs best±window into averaged.pt
     resume_from: str | None = None  # a checkpoint of another run to start from
-    workers: int = 2
+    workers: int = 2  # DataLoader processes reading, masking (and on CPU augmenting) slides
+    prefetch: int = 2  # images each worker reads ahead
+    ddp_timeout: float = 10.0  # minutes a DDP collective waits for a silent rank
     seed: int = 0
     out: str = "runs"
-    name: str = "slides"
+    name: str | None = None  # run folder under out; none: named from data, model and task
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -61,5 +68,15 @@ class SlideTrainConfig:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0 <= self.elastic <= 1:
             raise ConfigError(f"elastic is a probability in [0, 1], got {self.elastic}")
-        if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0 or self.tile_size < 1:
-            raise ConfigError("epochs, accumulate and tile_size must be >= 1 and lr > 0")
+        if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0:
+            raise ConfigError("epochs and accumulate must be >= 1 and lr > 0")
+        tile = str(self.tile_size).strip().lower()
+        if tile != "auto" and not (tile.isdigit() and int(tile) >= 32):
+            raise ConfigError(f"tile_size must be auto or a number of px >= 32, got {tile!r}")
+        self.tile_size = tile if tile == "auto" else int(tile)
+        if self.workers < 0 or self.prefetch < 1 or self.ddp_timeout <= 0:
+            raise ConfigError("workers must be >= 0, prefetch >= 1 and ddp_timeout > 0")
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in (self.stages or "").split(",") if s.strip()]

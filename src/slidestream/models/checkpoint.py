@@ -18,7 +18,7 @@ import torch
 
 from slidestream.errors import ConfigError
 
-__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "clean_stale_temps", "save_checkpoint", "load_checkpoint"]
 
 FORMAT = "slidestream-checkpoint"
 VERSION = 1
@@ -26,13 +26,16 @@ _REQUIRED = ("kind", "model", "state_dict", "classes")
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus format and version) to ``path`` atomically."""
+    """Write ``state`` (plus format and version) to ``path`` atomically: a temporary file
+    named with this process's id, fsync, rename (see :func:`clean_stale_temps`)."""
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
         raise ConfigError(f"checkpoint state lacks {missing}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
@@ -59,3 +62,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if state.get("version", 0) > VERSION:
         raise ConfigError(f"{path} was written by a newer slidestream (format {state['version']})")
     return state
+
+
+def clean_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files (``.NAME.PID.XXXX.tmp``) left in ``folder`` by writers that were
+    killed: those whose process is gone. Returns how many were removed."""
+    import psutil
+
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = next((int(p) for p in parts[2:-1] if p.isdigit()), None)
+        if pid is not None and pid != os.getpid() and psutil.pid_exists(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,253 @@
+"""Everything a run folder holds, written in one place and one order.
+
+Per epoch, on rank 0: the best metric is updated first, then ``best.pt`` (when the epoch is the
+best), ``last.pt``, ``metrics.csv``, ``summary.json``, ``curves.png`` and TensorBoard. Every
+file is replaced atomically (temporary file, then rename), and ``last.pt`` holds the history,
+the best metric and the best epoch: after a kill at any point, the next start rewrites
+``metrics.csv`` and ``summary.json`` from ``last.pt``, so all four agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slidestream.errors import ConfigError
+from slidestream.models.checkpoint import clean_stale_temps, save_checkpoint
+
+__all__ = ["BestRule", "RunLog", "check_fingerprint", "file_digest", "run_dir"]
+
+log = logging.getLogger(__name__)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_digest(path: str | Path, limit: int = 64 << 20) -> str:
+    """SHA-1 of a (cohort) file's first ``limit`` bytes and its size: what 'the same data' means
+    for a run folder."""
+    p = Path(path)
+    h = hashlib.sha1()
+    try:
+        with open(p, "rb") as f:
+            h.update(f.read(limit))
+        h.update(str(p.stat().st_size).encode())
+    except OSError:
+        return "missing"
+    return h.hexdigest()[:12]
+
+
+def run_dir(cfg: Any, kind: str = "slides") -> Path:
+    """``out/name``; without a name, one derived from data, model and task, so that different
+    runs never share a folder and re-running the same command resumes."""
+    if cfg.name:
+        return Path(cfg.out) / cfg.name
+    ident = {
+        k: str(getattr(cfg, k, ""))
+        for k in (
+            "model",
+            "task",
+            "classes",
+            "size",
+            "mpp",
+            "image_size",
+            "stream_until",
+            "pooling",
+        )
+    }
+    ident["data"] = str(Path(cfg.data).resolve())
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
+    return Path(cfg.out) / f"{kind}-{Path(cfg.data).stem}-{cfg.model.replace('/', '_')}-{digest}"
+
+
+class BestRule:
+    """The one best-epoch rule: the validation metric ``name`` (minimised when it ends in
+    ``loss`` or is ``mae``, maximised otherwise); epochs without validation rank by
+    ``train_loss``. Ties go to the later epoch (same ranking, longer training); NaN never wins."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def key(self, row: dict[str, Any]) -> tuple[str, float]:
+        """(metric used, its value) of an epoch's row."""
+        val = row.get(f"val_{self.name}")
+        if isinstance(val, float | int) and not isinstance(val, bool):
+            return f"val_{self.name}", float(val)
+        return "train_loss", float(row.get("train_loss", math.nan))
+
+    @staticmethod
+    def minimised(metric: str) -> bool:
+        return metric.endswith("loss") or metric.endswith("mae")
+
+    def better(self, metric: str, value: float, best: float | None) -> bool:
+        if not math.isfinite(value):
+            return False
+        if best is None or not math.isfinite(best):
+            return True
+        return value <= best if self.minimised(metric) else value >= best
+
+
+def check_fingerprint(run: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume ``run`` with other data or another model, naming the difference."""
+    if not saved:
+        return
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{run} holds a run with {k} {saved.get(k)!r}, not {now.get(k)!r}: pass a new "
+            f"--name to start a new run, or --resume-from {run / 'last.pt'} to start from its "
+            "weights"
+        )
+
+
+class RunLog:
+    """The run folder's files and the console/TensorBoard view of each epoch (rank 0)."""
+
+    def __init__(
+        self,
+        run: Path,
+        best: BestRule,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.run, self.rule, self.on_epoch = run, best, on_epoch
+        self.history: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_name = ""
+        self._tb: Any = None
+        run.mkdir(parents=True, exist_ok=True)
+        removed = clean_stale_temps(run)
+        if removed:
+            log.info("removed %d temporary files of an interrupted run in %s", removed, run)
+
+    # --- resume ------------------------------------------------------------------------------
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Take history and best from ``last.pt`` and rewrite the files that may lag behind."""
+        self.history = list(ckpt.get("history", []))
+        best = ckpt.get("best_metric")
+        self.best = float(best) if best is not None and math.isfinite(float(best)) else None
+        self.best_epoch = int(ckpt.get("best_epoch", 0))
+        self.best_name = str(ckpt.get("best_metric_name", ""))
+        self._write_tables({})
+
+    def loop_state(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "best_metric": self.best if self.best is not None else math.nan,
+            "best_epoch": self.best_epoch,
+            "best_metric_name": self.best_name,
+        }
+
+    # --- one epoch ---------------------------------------------------------------------------
+    def epoch(
+        self,
+        row: dict[str, Any],
+        state: Callable[[], dict[str, Any]],
+        summary: dict[str, Any],
+        confusion: tuple[list[list[int]], list[str]] | None = None,
+        keep_epoch: bool = False,
+    ) -> bool:
+        """Record epoch ``row`` and write the run folder in crash-safe order; returns whether
+        it is the best epoch so far."""
+        metric, value = self.rule.key(row)
+        if metric == self.best_name:
+            is_best = self.rule.better(metric, value, self.best)
+        else:  # validated epochs outrank unvalidated ones, never the other way round
+            is_best = not self.best_name.startswith("val_") and self.rule.better(
+                metric, value, None
+            )
+        self.history.append(row)
+        if is_best:
+            self.best, self.best_epoch, self.best_name = value, int(row["epoch"]), metric
+        ckpt = {**state(), **self.loop_state()}
+        if is_best:
+            save_checkpoint(self.run / "best.pt", ckpt)
+        save_checkpoint(self.run / "last.pt", ckpt)
+        if keep_epoch:
+            save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", ckpt)
+        self._write_tables(summary)
+        self._pictures(row, confusion)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+        log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+        return is_best
+
+    def _write_tables(self, summary: dict[str, Any]) -> None:
+        keys = list(dict.fromkeys(k for r in self.history for k in r))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, keys)
+        w.writeheader()
+        w.writerows(self.history)
+        if self.history:
+            _write_atomic(self.run / "metrics.csv", buf.getvalue())
+        old = self.run / "summary.json"
+        if not summary and old.exists():
+            try:
+                summary = json.loads(old.read_text())
+            except (OSError, ValueError):
+                summary = {}
+        full = {
+            **summary,
+            "epochs": len(self.history),
+            "best_epoch": self.best_epoch,
+            "best_metric": self.best,
+            "best_metric_name": self.best_name,
+        }
+        _write_atomic(self.run / "summary.json", json.dumps(full, indent=1))
+
+    def _pictures(
+        self, row: dict[str, Any], confusion: tuple[list[list[int]], list[str]] | None
+    ) -> None:
+        from PIL import Image
+
+        from slidestream.train.plots import confusion_image, curves_image
+
+        series = {
+            k: [r.get(k, math.nan) for r in self.history]
+            for k in ("train_loss", f"val_{self.rule.name}")
+            if any(k in r for r in self.history)
+        }
+        Image.fromarray(curves_image(series)).save(self.run / "curves.png")
+        tb = self.tensorboard()
+        step = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, float | int) and math.isfinite(float(v)):
+                tb.add_scalar(k.replace("_", "/", 1), float(v), step)
+        if confusion is not None and confusion[1]:
+            tb.add_image("val/confusion", confusion_image(*confusion), step, dataformats="HWC")
+        tb.flush()
+
+    def tensorboard(self) -> Any:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run / "tensorboard"))
+        return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
