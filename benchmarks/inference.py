@@ -28,10 +28,10 @@ import torchvision  # noqa: E402
 from slidestream.data.functional import normalize  # noqa: E402
 from slidestream.infer import PatchPredictor  # noqa: E402
 from slidestream.io import open_slide  # noqa: E402
+from slidestream.models.checkpoint import save_checkpoint  # noqa: E402
 from slidestream.sampling import GridPatchSampler, PatchLocation  # noqa: E402
 from slidestream.synthetic import write_synthetic_slide  # noqa: E402
 from slidestream.tissue import detect_tissue  # noqa: E402
-from slidestream.models.checkpoint import save_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

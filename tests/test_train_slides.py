@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 import slidestream as ss
 from slidestream.cli import main
 from slidestream.data.prepare import prepare_cohort
+from slidestream.data.slides import SlideSampler
+from slidestream.models.slide import SlideSpec, build_slide_model
 from slidestream.sampling import load_cohort
 from slidestream.synthetic import write_synthetic_slide
 from slidestream.train import load_checkpoint
-from slidestream.data.slides import SlideSampler
-from slidestream.models.slide import SlideSpec, build_slide_model
 from slidestream.train.slide_config import SlideTrainConfig
 from slidestream.train.slide_loop import evaluate_slides, train_slides
 

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.errors import SlideStreamError
     from slidestream.infer import PatchPredictor
     from slidestream.infer.saliency import StreamingPredictor
-    from slidestream.sampling import load_cohort
     from slidestream.models.checkpoint import load_checkpoint
+    from slidestream.sampling import load_cohort
 
     cohort = load_cohort(args.slides[0] if len(args.slides) == 1 else args.slides)
     for problem in cohort.problems:

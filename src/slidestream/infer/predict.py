@@ -18,10 +18,10 @@ from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
 from slidestream.infer.heatmap import heatmap_overlay
 from slidestream.io import Slide, open_slide
+from slidestream.models.checkpoint import load_checkpoint
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import GridPatchSampler, PatchLocation
 from slidestream.tissue import detect_tissue
-from slidestream.models.checkpoint import load_checkpoint
 
 __all__ = ["PatchPredictor", "SlidePrediction", "aggregate"]
 

@@ -21,9 +21,9 @@ from slidestream.infer.export import contours_geojson, write_geojson
 from slidestream.infer.heatmap import heatmap_overlay
 from slidestream.infer.predict import SlidePrediction
 from slidestream.io import open_slide
-from slidestream.tissue import detect_tissue
 from slidestream.models.checkpoint import load_checkpoint
 from slidestream.models.slide import load_slide_model, predictions
+from slidestream.tissue import detect_tissue
 
 __all__ = ["StreamingPredictor"]
 
