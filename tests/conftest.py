@@ -102,3 +102,24 @@ def three_class_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     csv = d / "cohort.csv"
     csv.write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
     return csv
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six prepared slides at 4 µm/px (odd index = tumour; s4, s5 validation): prepared.csv."""
+    from slidestream.data.prepare import prepare_cohort
+    from slidestream.sampling import load_cohort
+
+    d = tmp_path_factory.mktemp("slides")
+    rows = []
+    for i in range(6):
+        tumour = i % 2 == 1
+        p = write_synthetic_slide(
+            d / f"s{i}.tiff", 1024, 1024, mpp=1.0, seed=400 + i, tumour=tumour, tumour_fraction=0.3
+        )
+        split = "val" if i >= 4 else "train"
+        rows.append(f"{p},{'tumour' if tumour else 'normal'},p{i},{split}")
+    (d / "c.csv").write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
+    res = prepare_cohort(load_cohort(d / "c.csv"), d / "prep", 4.0, workers=1, progress=False)
+    assert not res.failures
+    return d / "prep" / "prepared.csv"

@@ -22,23 +22,6 @@ from slidestream.train.slide_config import SlideTrainConfig
 from slidestream.train.slide_loop import evaluate_slides, train_slides
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    d = tmp_path_factory.mktemp("slides")
-    rows = []
-    for i in range(6):
-        tumour = i % 2 == 1
-        p = write_synthetic_slide(
-            d / f"s{i}.tiff", 1024, 1024, mpp=1.0, seed=400 + i, tumour=tumour, tumour_fraction=0.3
-        )
-        split = "val" if i >= 4 else "train"
-        rows.append(f"{p},{'tumour' if tumour else 'normal'},p{i},{split}")
-    (d / "c.csv").write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
-    res = prepare_cohort(load_cohort(d / "c.csv"), d / "prep", 4.0, workers=1, progress=False)
-    assert not res.failures
-    return d / "prep" / "prepared.csv"
-
-
 def _cfg(prepared, tmp_path, **kw):
     base = dict(
         data=str(prepared),
