@@ -135,3 +135,44 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(ss.ConfigError, match="lacks"):
         save_checkpoint(tmp_path / "d.pt", {"kind": "patch"})
+
+
+def test_run_folders_never_mix_runs(database, tmp_path, capsys):
+    """Without --name, another database or model gets its own folder; the same --name with
+    another model or other data is refused in one line, naming the difference and the fix."""
+    args = [
+        "train-patches",
+        "--data",
+        str(database),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*args, "--model", "resnet18"]) == 0
+    assert main([*args, "--model", "mobilenet_v3_small"]) == 0
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 2 and all(r.startswith("patches-db.train-") for r in runs), runs
+    capsys.readouterr()
+    again = [a if a != "1" else "2" for a in args]  # same command, 2 epochs: resumes
+    assert main([*again, "--model", "resnet18"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == runs
+    named = [*args, "--name", "mine"]
+    assert main([*named, "--model", "resnet18"]) == 0
+    capsys.readouterr()
+    assert main([*named, "--model", "resnet34"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a run with model 'resnet18', not 'resnet34'" in err and "--name" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    val = str(database).replace(".train.", ".val.")  # another database, same classes
+    assert (
+        main(["train-patches", *args[1:], "--model", "resnet18", "--name", "mine", "--data", val])
+        == 1
+    )
+    assert "holds a run with data" in capsys.readouterr().err
