@@ -1,4 +1,6 @@
-"""Acceptance run of streamed whole-slide training: learn a slide label end to end, survive kill -9.
+"""Streamed whole-slide training: the CPU acceptance run (learn, survive kill -9) and the speed run.
+
+``--device cpu`` (default ``--mode accept``), the acceptance run:
 
 Generates a cohort of ``--slides`` synthetic slides (``--size``² at 0.5 µm/px; tumour-texture
 regions in every other slide, about 15% of the tissue), runs ``slidestream prepare --mpp 2``, then
@@ -12,6 +14,18 @@ metrics.csv), ``resumed`` (the second run started after epoch 1), ``killed_in_ep
 ``predictions`` (rows of --only-eval), ``train_s`` and the settings.
 
     python benchmarks/slide_training.py [--slides 40] [--size 8192] [--epochs 3]
+
+``--device cuda`` (default ``--mode speed``), the speed run: ``--slides`` synthetic slides of
+2 × ``--image`` px at 0.5 µm/px, prepared at 1 µm/px, then ``slidestream train`` (ResNet-34,
+``--image``² crops, accumulate 4, all defaults: DataLoader workers, channels-last, bf16,
+``--tile-size auto``) for two epochs; the second epoch's images/s, data-wait fraction and peak
+memory are reported beside the ceiling: the same streamed model step alone (forward, backward,
+optimizer) on the same images already on the device. It also times the conventional step at
+``--image``² (channels-last, bf16) and measures the staged model (cut after layer2) at
+2 × ``--image``² for peak activation memory. The last line is JSON.
+
+    python benchmarks/slide_training.py --device cuda [--image 8192] [--slides 16]
+    python benchmarks/slide_training.py --device cpu --mode speed --image 512 --slides 4  # smoke
 """
 
 from __future__ import annotations
@@ -73,7 +87,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--kill-after", type=float, default=60.0, help="seconds into epoch 2 (60)")
     ap.add_argument("--out", default=str(HERE / "_data" / "slide_training"))
+    ap.add_argument("--device", default="cpu", help="cpu (acceptance run) or cuda (speed run)")
+    ap.add_argument("--mode", choices=("accept", "speed"), default=None)
+    ap.add_argument("--image", type=int, default=8192, help="speed run: crop side at 1 µm/px")
+    ap.add_argument("--workers", type=int, default=None, help="speed run: loader workers")
     args = ap.parse_args()
+    if (args.mode or ("speed" if args.device.startswith("cuda") else "accept")) == "speed":
+        from _slide_speed import speed_run
+
+        slides = args.slides if args.slides != 40 else 16
+        print(json.dumps(speed_run(Path(args.out), slides, args.image, args.device, args.workers)))
+        return
     out = Path(args.out)
     cohort = make_cohort(
         out / f"cohort_{args.slides}_{args.size}", args.slides, args.size, args.val

@@ -96,11 +96,14 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
     return _Data(train, val, train.classes, counts, cfg.size, cfg.mpp, True)
 
 
-def _loaders(cfg: PatchTrainConfig, data: _Data) -> tuple[DataLoader, DataLoader | None]:
+def _loaders(
+    cfg: PatchTrainConfig, data: _Data, pin: bool = False
+) -> tuple[DataLoader, DataLoader | None]:
     common = {
         "batch_size": cfg.batch_size,
         "num_workers": cfg.workers,
         "persistent_workers": cfg.workers > 0,
+        "pin_memory": pin,
         "worker_init_fn": OneThread(),
     }
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -138,7 +141,7 @@ class PatchTask(Task):
         self.model = create_classifier(cfg.model, len(self.classes), cfg.weights).to(device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.train_loader, self.val_loader = _loaders(cfg, self.data)
+        self.train_loader, self.val_loader = _loaders(cfg, self.data, pin=device.type == "cuda")
         self._steps = cfg.steps_per_epoch or (200 if self.data.streamed else len(self.train_loader))
         self.weight = None
         if cfg.class_weighting == "balanced":
