@@ -15,6 +15,7 @@ RANK = {
     "parallel": 0,
     "errors": 0,
     "types": 0,
+    "charts": 0,
     "io": 1,
     "synthetic": 1,
     "tissue": 2,

@@ -200,3 +200,39 @@ def test_kill_at_each_write_boundary_then_resume_agrees(prepared, tmp_path, monk
     assert first >= 1  # best.pt of epoch 1 is written before last.pt: that kill point ran
     got = _outputs(train_slides(_cfg(prepared, tmp_path, name="kill0", **base)))
     assert got == ref
+
+
+def _silent_rank_worker(rank, world, port, out):
+    import os as _os
+
+    from slidestream.errors import SlideStreamError
+    from slidestream.train.ddp import barrier, distributed
+
+    _os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    distributed(torch.device("cpu"), timeout_min=0.05)  # 3 s
+    if rank == 1:
+        time.sleep(8)  # stops answering
+        return
+    try:
+        barrier(world, "after epoch 1")
+    except SlideStreamError as exc:
+        (out / "error.txt").write_text(str(exc))
+
+
+def test_a_silent_ddp_rank_is_named_within_the_timeout(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    mp.start_processes(
+        _silent_rank_worker, args=(2, port, tmp_path), nprocs=2, join=True, start_method="spawn"
+    )
+    msg = (tmp_path / "error.txt").read_text()
+    assert "a rank stopped answering after epoch 1" in msg and "1" in msg.split(":", 1)[1]
+    assert time.perf_counter() - t0 < 60

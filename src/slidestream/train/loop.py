@@ -125,16 +125,22 @@ class _Loop:
                 row.update(
                     {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float | int)}
                 )
-                confusion = metrics.get("confusion")
+                evaluation = metrics.get("_eval")
+                if evaluation is not None:
+                    evaluation = {
+                        **evaluation,
+                        "confusion": metrics.get("confusion"),
+                        "classes": self.task.classes,
+                    }
             else:
-                confusion = None
+                evaluation = None
             self.epoch = epoch + 1
             if self.rank == 0:
                 self.log.epoch(
                     row,
                     self.state,
                     self.summary(),
-                    (confusion, self.task.classes) if confusion is not None else None,
+                    evaluation,
                     keep_epoch=self.s.average_window > 0,
                 )
                 self.task.epoch_images(self.epoch, self.log.history)

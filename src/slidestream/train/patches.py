@@ -211,7 +211,7 @@ class PatchTask(Task):
         self.model.train()
         p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
         self._grid = (torch.cat(images)[:32], y[:32], p[:32])
-        return classification_metrics(y, p, len(self.classes))
+        return {**classification_metrics(y, p, len(self.classes)), "_eval": {"y": y, "probs": p}}
 
     def epoch_images(self, epoch: int, rows: list[dict[str, Any]]) -> None:
         grid = getattr(self, "_grid", None)

@@ -164,11 +164,12 @@ class RunLog:
         row: dict[str, Any],
         state: Callable[[], dict[str, Any]],
         summary: dict[str, Any],
-        confusion: tuple[list[list[int]], list[str]] | None = None,
+        evaluation: dict[str, Any] | None = None,
         keep_epoch: bool = False,
     ) -> bool:
         """Record epoch ``row`` and write the run folder in crash-safe order; returns whether
-        it is the best epoch so far."""
+        it is the best epoch so far. ``evaluation``: ``y`` (N,) labels, ``probs`` (N, C),
+        ``classes`` and ``confusion`` of this epoch's validation, for the charts."""
         metric, value = self.rule.key(row)
         if metric == self.best_name:
             is_best = self.rule.better(metric, value, self.best)
@@ -186,7 +187,7 @@ class RunLog:
         if keep_epoch:
             save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", ckpt)
         self._write_tables(summary)
-        self._pictures(row, confusion)
+        self._pictures(row, evaluation)
         if self.on_epoch is not None:
             self.on_epoch(row)
         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
@@ -215,26 +216,29 @@ class RunLog:
         }
         _write_atomic(self.run / "summary.json", json.dumps(full, indent=1))
 
-    def _pictures(
-        self, row: dict[str, Any], confusion: tuple[list[list[int]], list[str]] | None
-    ) -> None:
-        from PIL import Image
+    def _pictures(self, row: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
+        """curves.png/.svg from the history; after a validation, roc/pr/confusion (and for
+        two classes calibration) .png/.svg; all of them into TensorBoard as images."""
+        from slidestream import charts
 
-        from slidestream.train.plots import confusion_image, curves_image
-
-        series = {
-            k: [r.get(k, math.nan) for r in self.history]
-            for k in ("train_loss", f"val_{self.rule.name}")
-            if any(k in r for r in self.history)
-        }
-        Image.fromarray(curves_image(series)).save(self.run / "curves.png")
+        keys = ["train_loss", f"val_{self.rule.name}", "val_loss", "lr", "images_per_s"]
+        keys += ["data_wait_s"]
+        figures = {"curves": charts.curves_figure(self.history, list(dict.fromkeys(keys)))}
+        if evaluation:
+            y, probs, classes = evaluation["y"], evaluation["probs"], evaluation["classes"]
+            figures["roc"] = charts.roc_figure(y, probs, classes)
+            figures["pr"] = charts.pr_figure(y, probs, classes)
+            figures["confusion"] = charts.confusion_figure(evaluation["confusion"], classes)
+            if probs.shape[1] == 2:
+                figures["calibration"] = charts.calibration_figure(y, probs[:, 1])
         tb = self.tensorboard()
         step = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch" and isinstance(v, float | int) and math.isfinite(float(v)):
                 tb.add_scalar(k.replace("_", "/", 1), float(v), step)
-        if confusion is not None and confusion[1]:
-            tb.add_image("val/confusion", confusion_image(*confusion), step, dataformats="HWC")
+        for name, fig in figures.items():
+            charts.save(fig, self.run / f"{name}.png")
+            tb.add_image(f"charts/{name}", charts.to_array(fig), step, dataformats="HWC")
         tb.flush()
 
     def tensorboard(self) -> Any:

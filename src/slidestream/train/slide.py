@@ -259,7 +259,10 @@ class SlideTask(Task):
             return {}
         out = np.stack([r[1] for r in rows])
         targets = np.stack([r[2] for r in rows])
-        return metrics_for(self.cfg.task, targets, out, len(self.classes))
+        metrics = metrics_for(self.cfg.task, targets, out, len(self.classes))
+        if self.cfg.task in ("binary", "multiclass"):
+            metrics["_eval"] = {"y": targets.astype(int).reshape(-1), "probs": out}
+        return metrics
 
     # --- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
