@@ -1,0 +1,166 @@
+"""Tile tables of TIFF-family slides: implausible headers refused at open, damaged tiles at read.
+
+At open, :func:`tile_index` checks each level's tile (or strip) table against the file: the
+table must have one entry per tile of the stated dimensions, no tile may point past the end of
+the file (a file cut short), and level 0 must store at least ``1 / _MIN_PX_PER_BYTE`` byte per
+pixel — a blank 256x256 JPEG or deflate tile takes about 1/300 byte per pixel at the very least,
+so only a header that claims far more pixels than the file holds fails. A real
+100000x80000 px, 500 MB slide stores 0.06 byte per pixel.
+
+At read, :meth:`TileIndex.check` looks at each tile a region touches, once per process:
+a tile with no data (offset or byte count 0, "sparse" TIFF) and a JPEG tile that is not one
+whole JPEG stream (no end marker: zeroed or cut short; bytes that are not valid entropy-coded
+data: overwritten) raise :class:`SlideReadError` for that region. The decoders catch the rest
+(deflate/LZW errors, JPEG headers), and the readers turn their errors into SlideReadError too.
+Not detectable by anyone: uncompressed tiles overwritten with other bytes, and JPEG tiles
+damaged in the middle whose end marker survived and whose bytes still decode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from slidestream.errors import SlideReadError
+from slidestream.io._pixels import RefusedFileError
+
+__all__ = ["TileIndex", "tile_index"]
+
+_MIN_PX_PER_BYTE = 4096  # a level 0 storing less than 1 byte per 4096 px is not a real slide
+_JPEG = 7
+# In JPEG entropy-coded data 0xFF is only followed by 0x00 (stuffing) or a restart marker.
+_BAD_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+
+
+@dataclass
+class _Level:
+    offsets: np.ndarray  # (rows, cols) int64 file offsets of the tiles
+    counts: np.ndarray  # (rows, cols) int64 byte counts
+    tile_w: int
+    tile_h: int
+    jpeg: bool
+    ok: np.ndarray  # (rows, cols) bool: tile checked already
+
+
+class TileIndex:
+    """Per-level tile tables of a TIFF file; checks the tiles of a region before it is read."""
+
+    def __init__(self, levels: list[_Level | None]) -> None:
+        self.levels = levels
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"levels": self.levels, "_fd": None, "_pid": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def check(self, path: Any, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> None:
+        """Raise SlideReadError if a tile under the (in-bounds) level rectangle is missing or
+        damaged; tiles that passed before are not read again."""
+        lv = self.levels[level] if level < len(self.levels) else None
+        if lv is None:
+            return
+        c0, c1 = lv_x // lv.tile_w, (lv_x + lv_w - 1) // lv.tile_w + 1
+        r0, r1 = lv_y // lv.tile_h, (lv_y + lv_h - 1) // lv.tile_h + 1
+        if lv.ok[r0:r1, c0:c1].all():
+            return
+        for r, c in zip(*np.nonzero(~lv.ok[r0:r1, c0:c1]), strict=True):
+            row, col = r0 + int(r), c0 + int(c)
+            problem = self._inspect(path, lv, row, col)
+            if problem:
+                raise SlideReadError(
+                    f"cannot read {path} (level {level}, region x={lv_x} y={lv_y} w={lv_w} "
+                    f"h={lv_h}): tile {col},{row} {problem}; other regions may still read: "
+                    f"skip this one, or re-export or re-scan the slide"
+                )
+            lv.ok[row, col] = True
+
+    def _inspect(self, path: Any, lv: _Level, row: int, col: int) -> str | None:
+        offset, count = int(lv.offsets[row, col]), int(lv.counts[row, col])
+        if offset == 0 or count == 0:
+            return "is missing from the file (empty tile entry)"
+        if not lv.jpeg:
+            return None
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(path, os.O_RDONLY), os.getpid()
+        return jpeg_damage(os.pread(self._fd, count, offset))
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """Why ``data`` is not one whole JPEG stream (tile data damaged), or None if it looks whole."""
+    if data[:2] != b"\xff\xd8":
+        return "has damaged JPEG data (no start-of-image marker)"
+    end = len(data.rstrip(b"\0"))  # some writers pad tiles with zeros after the end marker
+    if data[end - 2 : end] != b"\xff\xd9":
+        return "has damaged JPEG data (no end-of-image marker: zeroed or cut short)"
+    sos = data.rfind(b"\xff\xda", 0, end - 2)
+    if sos < 0:
+        return "has damaged JPEG data (no start-of-scan marker)"
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    if _BAD_MARKER.search(data, start, end - 2):
+        return "has damaged JPEG data (stray bytes in the compressed data)"
+    return None
+
+
+def tile_index(pages: list[Any], path: Any, file_size: int | None = None) -> TileIndex | None:
+    """Check the tile tables of a pyramid's levels (tifffile keyframes) and index them.
+
+    Raises SlideOpenError, naming the file, the claimed size and the file size, when a table is
+    implausible. Returns None for layouts it does not index (NDPI, planar or 3-D pages).
+    """
+    size = os.path.getsize(path) if file_size is None else file_size
+    levels = []
+    for i, page in enumerate(pages):
+        if page.is_ndpi or int(page.planarconfig) != 1 or int(page.imagedepth) != 1:
+            return None
+        levels.append(_level(page, path, size, i))
+    first = levels[0]
+    stored = int(first.counts.sum())
+    w, h = int(pages[0].imagewidth), int(pages[0].imagelength)
+    if stored * _MIN_PX_PER_BYTE < w * h:
+        raise RefusedFileError(
+            f"{path} claims {w}x{h} px but is a {size}-byte file storing {stored} bytes of "
+            f"level-0 data ({stored / (w * h):.2g} byte/px): its header or tile table is "
+            f"implausible; re-export or re-scan the slide"
+        )
+    return TileIndex(levels)
+
+
+def _level(page: Any, path: Any, size: int, level: int) -> _Level:
+    w, h = int(page.imagewidth), int(page.imagelength)
+    if page.is_tiled:
+        tw, th = int(page.tilewidth), int(page.tilelength)
+    else:
+        tw, th = w, max(1, min(int(page.rowsperstrip or h), h))
+    rows, cols = -(-h // th), -(-w // tw)
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    if offsets.size != rows * cols or counts.size != rows * cols:
+        raise RefusedFileError(
+            f"{path} claims {w}x{h} px at level {level}, which needs {rows * cols} tiles, but "
+            f"its tile table has {offsets.size}: the header is damaged; re-export the slide"
+        )
+    ends = np.where(counts > 0, offsets + counts, 0)
+    if ends.size and int(ends.max()) > size:
+        raise RefusedFileError(
+            f"{path} is cut short: a {size}-byte file whose tiles of level {level} ({w}x{h} px) "
+            f"run to byte {int(ends.max())}; copy or download it again"
+        )
+    return _Level(
+        offsets.reshape(rows, cols),
+        counts.reshape(rows, cols),
+        tw,
+        th,
+        int(page.compression) == _JPEG,
+        np.zeros((rows, cols), bool),
+    )
