@@ -105,6 +105,25 @@ def test_damaged_tile_raises_for_its_region_only(tmp_path, compression, kind):
         )
 
 
+def test_damaged_tile_of_a_coarser_level(tmp_path):
+    path, good = tmp_path / "level1.tiff", tmp_path / "good.tiff"
+    _write(path, "jpeg")
+    _write(good, "jpeg")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[1]
+        offset, count = int(page.dataoffsets[3]), int(page.databytecounts[3])  # tile (1, 1)
+    _damage(path, "zeroed", offset, count)
+    for backend in READERS:
+        s = open_slide(path, backend=backend)
+        with pytest.raises(ss.SlideReadError, match=r"level1\.tiff.*level 1.*damaged"):
+            s.read_level(1, 120, 120, 20, 20)
+        with pytest.raises(ss.SlideReadError, match="level 1"):
+            s.read(250, 250, 40, 40, downsample=2)
+        ref = open_slide(good, backend=backend).read_level(1, 0, 0, 128, 128)
+        np.testing.assert_array_equal(s.read_level(1, 0, 0, 128, 128), ref)
+        assert s.read(0, 0, 512, 512).shape == (512, 512, 3)  # level 0 is intact
+
+
 def test_file_cut_short_is_refused_at_open(tmp_path):
     path = tmp_path / "cut.tiff"
     offset, count = _write(path, "jpeg")

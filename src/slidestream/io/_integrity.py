@@ -51,18 +51,6 @@ class TileIndex:
 
     def __init__(self, levels: list[_Level | None]) -> None:
         self.levels = levels
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"levels": self.levels, "_fd": None, "_pid": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
-    def __del__(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
 
     def check(self, path: Any, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> None:
         """Raise SlideReadError if a tile under the (in-bounds) level rectangle is missing or
@@ -74,26 +62,24 @@ class TileIndex:
         r0, r1 = lv_y // lv.tile_h, (lv_y + lv_h - 1) // lv.tile_h + 1
         if lv.ok[r0:r1, c0:c1].all():
             return
-        for r, c in zip(*np.nonzero(~lv.ok[r0:r1, c0:c1]), strict=True):
-            row, col = r0 + int(r), c0 + int(c)
-            problem = self._inspect(path, lv, row, col)
-            if problem:
-                raise SlideReadError(
-                    f"cannot read {path} (level {level}, region x={lv_x} y={lv_y} w={lv_w} "
-                    f"h={lv_h}): tile {col},{row} {problem}; other regions may still read: "
-                    f"skip this one, or re-export or re-scan the slide"
-                )
-            lv.ok[row, col] = True
+        with open(path, "rb", buffering=0) as f:
+            for r, c in zip(*np.nonzero(~lv.ok[r0:r1, c0:c1]), strict=True):
+                row, col = r0 + int(r), c0 + int(c)
+                problem = _inspect(f.fileno(), lv, row, col)
+                if problem:
+                    raise SlideReadError(
+                        f"cannot read {path} (level {level}, region x={lv_x} y={lv_y} "
+                        f"w={lv_w} h={lv_h}): tile {col},{row} {problem}; other regions may "
+                        f"still read: skip this one, or re-export or re-scan the slide"
+                    )
+                lv.ok[row, col] = True
 
-    def _inspect(self, path: Any, lv: _Level, row: int, col: int) -> str | None:
-        offset, count = int(lv.offsets[row, col]), int(lv.counts[row, col])
-        if offset == 0 or count == 0:
-            return "is missing from the file (empty tile entry)"
-        if not lv.jpeg:
-            return None
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(path, os.O_RDONLY), os.getpid()
-        return jpeg_damage(os.pread(self._fd, count, offset))
+
+def _inspect(fd: int, lv: _Level, row: int, col: int) -> str | None:
+    offset, count = int(lv.offsets[row, col]), int(lv.counts[row, col])
+    if offset == 0 or count == 0:
+        return "is missing from the file (empty tile entry)"
+    return jpeg_damage(os.pread(fd, count, offset)) if lv.jpeg else None
 
 
 def jpeg_damage(data: bytes) -> str | None:

@@ -99,9 +99,14 @@ RGBA8 = PixelFormat("8-bit RGBA", alpha="unassoc")
 
 
 def to_rgb(arr: np.ndarray, *, premultiplied: bool = False) -> np.ndarray:
-    """(H, W, 1|2|3|4) uint8 → (H, W, 3) uint8; a 2nd/4th band is alpha, composited over white."""
+    """(H, W, 1|2|3|4) uint8 (or uint16) → (H, W, 3) uint8; a 2nd/4th band is alpha, composited
+    over white."""
     if arr.ndim == 2:
         arr = arr[..., None]
+    if arr.dtype == np.uint16:  # associated images of 16-bit files: the 16-bit rule
+        arr = _scale_lut(65535, PixelFormat("16-bit", bits=16, max_value=65535))[arr]
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
     bands = arr.shape[2]
     if bands in (2, 4):
         alpha = arr[..., -1:].astype(np.uint16)
