@@ -76,6 +76,12 @@ def _cases() -> dict[str, tuple[np.ndarray, dict, np.ndarray | str, set[str]]]:
             _grey(_scale(g12, 4095)),
             tiled,
         ),
+        "grey12": (
+            g12,
+            dict(grey, bitspersample=12, compression=None),
+            _grey(_scale(g12, 4095)),
+            {"tiffslide", "image"},
+        ),
         "miniswhite16": (
             g16,
             dict(photometric="miniswhite"),
@@ -83,6 +89,12 @@ def _cases() -> dict[str, tuple[np.ndarray, dict, np.ndarray | str, set[str]]]:
             tiled,
         ),
         "rgb16": (rgb16, dict(photometric="rgb"), _scale(rgb16, 65535), tiled),
+        "rgb16_stripped": (
+            rgb16,
+            dict(photometric="rgb", tile=None, rowsperstrip=7),
+            _scale(rgb16, 65535),
+            {"tiffslide", "image"},
+        ),
         "rgba16": (
             rgba16,
             dict(photometric="rgb", extrasamples=["unassalpha"]),
@@ -161,7 +173,8 @@ def format_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         if options["tile"] is None:
             del options["tile"]
         out[name] = d / f"{name}.tiff"
-        tifffile.imwrite(out[name], arr, compression="zlib", **options)
+        options.setdefault("compression", "zlib")
+        tifffile.imwrite(out[name], arr, **options)
     return out
 
 
@@ -254,3 +267,36 @@ def test_float_png_like_modes_are_refused(tmp_path):
     Image.fromarray(_rng.random((H, W)).astype(np.float32), "F").save(tmp_path / "f.tiff")
     with pytest.raises(PixelFormatError, match="floating-point"):
         open_slide(tmp_path / "f.tiff", backend="image")
+
+
+def test_16bit_pyramid_levels_and_scaled_reads_agree(tmp_path):
+    rng = np.random.default_rng(11)
+    path = tmp_path / "pyr16.tiff"
+    base = rng.integers(0, 65536, (384, 512, 3), dtype=np.uint16)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(base, tile=(64, 64), photometric="rgb", compression="zlib")
+        tw.write(base[::2, ::2], tile=(64, 64), photometric="rgb", subfiletype=1)
+    reads = []
+    for backend in ("pyvips", "tiffslide", "image", "auto"):
+        s = open_slide(path, backend=backend)
+        reads.append((s.read(10, 20, 300, 200), s.read(0, 0, 200, 150, downsample=2.5)))
+        if s.level_count > 1:
+            np.testing.assert_array_equal(
+                s.read_level(1, 0, 0, 256, 192), _scale(base[::2, ::2], 65535), err_msg=backend
+            )
+    np.testing.assert_array_equal(reads[0][0], _scale(base[20:220, 10:310], 65535))
+    for other in reads[1:]:
+        np.testing.assert_array_equal(other[0], reads[0][0])
+    # levels differ between readers (the image reader has only level 0), so scaled reads of
+    # the pyramid readers are compared with each other
+    np.testing.assert_array_equal(reads[1][1], reads[0][1])
+
+
+def test_uncompressed_ycbcr_is_left_to_openslide(tmp_path):
+    path = tmp_path / "ycbcr.tiff"
+    tifffile.imwrite(path, _u8(3), photometric="ycbcr", subsampling=(1, 1), tile=(64, 64))
+    for backend in ("pyvips", "tiffslide", "image"):
+        with pytest.raises(ss.SlideOpenError, match=r"YCbCr \(not JPEG-compressed\).*openslide"):
+            open_slide(path, backend=backend)
+    s = open_slide(path)
+    assert s.backend == "openslide" and s.read(0, 0, W, H).shape == (H, W, 3)

@@ -6,9 +6,11 @@ the same pixels for the same file. The rules:
 - greyscale → R = G = B; MinIsWhite greyscale is inverted (0 is white);
 - palette (colour-mapped) → the colour map, taken as 8-bit when all its entries are below 256,
   else by its high byte (libtiff's convention, so libvips and OpenSlide agree);
-- 16-bit samples → ``round(v * 255 / max)`` (halves up), where ``max`` is the file's
+- 9- to 16-bit samples → ``round(v * 255 / max)`` (halves up), where ``max`` is the file's
   SMaxSampleValue tag when it gives one, else ``2**BitsPerSample - 1`` (65535 for 16-bit
-  TIFF and PNG); values above ``max`` become 255;
+  TIFF and PNG, 4095 for 12-bit TIFF); values above ``max`` become 255;
+- YCbCr that is not JPEG-compressed is converted only by OpenSlide (libtiff); the other readers
+  refuse it with a plain SlideOpenError, so ``auto`` moves on to OpenSlide;
 - an alpha channel (grey+alpha, RGBA) is composited over white after the 8-bit conversion;
 - anything else — float or signed samples, 1-bit, CMYK/Lab, and 2- or 4+-channel images whose
   extra channels are not alpha (fluorescence, multiplex) — is refused with a
@@ -65,11 +67,20 @@ class PixelFormat:
     max_value: int = 255
     invert: bool = False
     colormap: np.ndarray | None = None
+    raw_ycbcr: bool = False  # YCbCr samples that only libtiff's RGBA interface converts
     lut: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.bits > 8 or self.invert or self.max_value != 255:
             object.__setattr__(self, "lut", _scale_lut((1 << self.bits) - 1, self))
+
+    def check_reader(self, reader: str, path: Any) -> None:
+        """SlideOpenError (``auto`` moves on) if ``reader`` cannot deliver these samples."""
+        if self.raw_ycbcr:
+            raise SlideOpenError(
+                f"{reader}: {path} stores {self.name} pixels, which only backend='openslide' "
+                f"converts to RGB"
+            )
 
     @property
     def plain(self) -> bool:
@@ -162,7 +173,7 @@ def from_tiff_page(page: Any, path: Any) -> PixelFormat:
     if spp != colour + (alpha is not None) or (photometric == 3 and spp != 1):
         note = f" (RGB + {spp - 3} extra)" if colour == 3 else " (fluorescence or multiplex?)"
         raise refuse(path, describe_samples(bits, kind, spp, note if spp > 1 else ""))
-    if kind != "unsigned" or bits not in (8, 16):
+    if kind != "unsigned" or not (bits == 8 or 9 <= bits <= 16):
         raise refuse(path, describe_samples(bits, kind, spp))
     top = (1 << bits) - 1
     smax = page.tags.get(281)  # SMaxSampleValue
@@ -172,6 +183,9 @@ def from_tiff_page(page: Any, path: Any) -> PixelFormat:
         cmap = np.asarray(page.colormap).reshape(3, -1)
         cmap8 = (cmap if cmap.max() < 256 else cmap >> 8).T.astype(np.uint8)
         return PixelFormat(f"{bits}-bit palette", 1, colormap=np.ascontiguousarray(cmap8))
+    if photometric == 6 and int(page.compression) != 7:  # JPEG decoders convert YCbCr
+        name = f"{bits}-bit YCbCr (not JPEG-compressed)"
+        return PixelFormat(name, colour, alpha, bits, max_value, raw_ycbcr=True)
     name = f"{bits}-bit " + ("MinIsWhite " if photometric == 0 else "")
     name += {1: "grey", 3: "RGB"}[colour] + ("+alpha" if alpha else "")
     name += f" (max {max_value})" if max_value != 255 else ""

@@ -79,6 +79,7 @@ class ImageSlide(Slide):
         with tifffile.TiffFile(self.path) as tf:
             page = tf.series[0].levels[0].keyframe
             fmt = from_tiff_page(page, self.path)
+            fmt.check_reader("image", self.path)
             tile_index([page], self.path)  # refuse implausible headers before allocating
             self._check_size(int(page.imagewidth), int(page.imagelength))
             return page.asarray(), fmt

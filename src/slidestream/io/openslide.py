@@ -115,13 +115,15 @@ def _exact_start(lv: int, ds: float) -> tuple[int | None, int]:
 
 def _tiff_tiles(path: Any, dims: tuple[tuple[int, int], ...]) -> TileIndex | None:
     """For a TIFF-family file tifffile parses: refuse pixel formats OpenSlide cannot deliver
-    exactly as 8-bit RGB, check the tile tables, and index them when they are OpenSlide's levels.
-    """
+    exactly as 8-bit RGB, check the tile tables, and index the levels tifffile and OpenSlide
+    agree on. Files whose pyramid tifffile does not find as OpenSlide does are left to it."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
-            pages = [level.keyframe for level in tf.series[0].levels]
+            pages = _matching_levels(tf, dims)
+            if not pages:
+                return None
             fmt = from_tiff_page(pages[0], path)
             tiles = tile_index(pages, path)
     except (RefusedFileError, SlideOpenError):
@@ -133,5 +135,16 @@ def _tiff_tiles(path: Any, dims: tuple[tuple[int, int], ...]) -> TileIndex | Non
             f"openslide: {path} holds {fmt.name} pixels, which OpenSlide reduces to 8-bit RGBA "
             f"its own way; open it with backend='pyvips' or 'tiffslide'"
         )
-    level_dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
-    return tiles if level_dims == dims else None
+    if tiles is not None:  # levels tifffile left out (odd size ratios) are not checked here
+        tiles.levels += [None] * (len(dims) - len(tiles.levels))
+    return tiles
+
+
+def _matching_levels(tf: Any, dims: tuple[tuple[int, int], ...]) -> list[Any]:
+    """Keyframes of the tifffile series whose levels are OpenSlide's first levels, in order."""
+    for series in tf.series:
+        pages = [level.keyframe for level in series.levels]
+        found = [(int(p.imagewidth), int(p.imagelength)) for p in pages]
+        if found and tuple(found) == dims[: len(found)]:
+            return pages
+    return []

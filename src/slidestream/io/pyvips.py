@@ -58,6 +58,8 @@ class PyvipsSlide(Slide):
             raise SlideOpenError(f"pyvips: level layout of {self.path} is not a plain pyramid")
         # libvips inverts MinIsWhite and expands palettes itself (as libtiff does)
         pixels = meta.pixels.decoded(inverted=True, palette=True)
+        if pixels.bits not in (8, 16):  # libtiff (in libvips) reads 8- and 16-bit samples
+            raise SlideOpenError(f"pyvips: {self.path} stores {pixels.name} samples")
         if pixels.alpha == "assoc":  # libvips un-premultiplies, with its own rounding
             raise SlideOpenError(
                 f"pyvips: {self.path} has premultiplied alpha, which libvips converts with its "

@@ -36,6 +36,7 @@ class TiffSlideSlide(Slide):
     def _describe(self, handle: Any) -> LevelLayout:
         levels = _check_decodable(handle, self.path)
         pixels = level_pixel_format(levels, self.path)
+        pixels.check_reader("tiffslide", self.path)
         props = {k: str(v) for k, v in handle.properties.items() if v is not None}
         mpp_x = plausible_mpp(props.get("tiffslide.mpp-x"))
         mpp_y = plausible_mpp(props.get("tiffslide.mpp-y"))
