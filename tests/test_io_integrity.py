@@ -231,7 +231,8 @@ def test_jpeg_damage_detector_accepts_whole_streams():
 
     whole = imagecodecs.jpeg8_encode(_image(256))
     assert jpeg_damage(whole) is None
-    assert jpeg_damage(whole + bytes(100)) is None  # zero padding after the end marker
+    assert jpeg_damage(whole + bytes(100)) is None  # padding after the end marker
+    assert jpeg_damage(whole + b"\xff" * 3) is None
     assert "end-of-image" in jpeg_damage(whole[: len(whole) // 2])
     assert "start-of-image" in jpeg_damage(bytes(len(whole)))
 
@@ -247,3 +248,16 @@ def test_real_files_still_open_and_read(shared_data):
         open_slide(shared_data / "unopenable.tiff")
     with pytest.raises(ss.SlideReadError, match=r"unreadable\.svs"):
         open_slide(shared_data / "unreadable.svs").read(0, 0, 16, 16)
+
+
+def test_slide_file_gone_after_open_is_a_read_error(tmp_path):
+    path = tmp_path / "gone.tiff"
+    _write(path, "jpeg")
+    for backend in READERS:
+        s = open_slide(path, backend=backend)
+        path.rename(tmp_path / "moved.tiff")
+        try:
+            with pytest.raises(ss.SlideReadError, match=r"gone\.tiff"):
+                s.read(0, 0, 64, 64)
+        finally:
+            (tmp_path / "moved.tiff").rename(path)

@@ -62,14 +62,18 @@ class TileIndex:
         r0, r1 = lv_y // lv.tile_h, (lv_y + lv_h - 1) // lv.tile_h + 1
         if lv.ok[r0:r1, c0:c1].all():
             return
-        with open(path, "rb", buffering=0) as f:
+        where = f"{path} (level {level}, region x={lv_x} y={lv_y} w={lv_w} h={lv_h})"
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, errors wrapped
+        except OSError as exc:
+            raise SlideReadError(f"cannot read {where}: {exc.strerror or exc}") from exc
+        with f:
             for r, c in zip(*np.nonzero(~lv.ok[r0:r1, c0:c1]), strict=True):
                 row, col = r0 + int(r), c0 + int(c)
                 problem = _inspect(f.fileno(), lv, row, col)
                 if problem:
                     raise SlideReadError(
-                        f"cannot read {path} (level {level}, region x={lv_x} y={lv_y} "
-                        f"w={lv_w} h={lv_h}): tile {col},{row} {problem}; other regions may "
+                        f"cannot read {where}: tile {col},{row} {problem}; other regions may "
                         f"still read: skip this one, or re-export or re-scan the slide"
                     )
                 lv.ok[row, col] = True
@@ -86,7 +90,7 @@ def jpeg_damage(data: bytes) -> str | None:
     """Why ``data`` is not one whole JPEG stream (tile data damaged), or None if it looks whole."""
     if data[:2] != b"\xff\xd8":
         return "has damaged JPEG data (no start-of-image marker)"
-    end = len(data.rstrip(b"\0"))  # some writers pad tiles with zeros after the end marker
+    end = len(data.rstrip(b"\0\xff"))  # writers may pad tiles after the end marker
     if data[end - 2 : end] != b"\xff\xd9":
         return "has damaged JPEG data (no end-of-image marker: zeroed or cut short)"
     sos = data.rfind(b"\xff\xda", 0, end - 2)
