@@ -7,10 +7,11 @@ the file (a file cut short), and the distinct tiles of level 0 must hold at leas
 WebP) pixels per byte, tissue to about 2, and a real 100000x80000 px, 500 MB slide stores one
 byte per 16 pixels; a 10 MB file claiming 200000x200000 px would need 4000 per byte.
 
-At read, :meth:`TileIndex.check` looks at each tile a region touches, once per process:
-a tile with no data (offset or byte count 0, "sparse" TIFF) and a JPEG tile that is not one
-whole JPEG stream (no end marker: zeroed or cut short; bytes that are not valid entropy-coded
-data: overwritten) raise :class:`SlideReadError` for that region. The decoders catch the rest
+At read, :meth:`TileIndex.check` looks at each tile a region touches, once per process: a JPEG
+tile that is not one whole JPEG stream (no end marker: zeroed or cut short; bytes that are not
+valid entropy-coded data: overwritten) raises :class:`SlideReadError` for that region. Tiles
+with no data (offset or byte count 0: "sparse" TIFFs such as Philips exports leave background
+out) read as white on every reader; the floor above counts them as 0 bytes. The decoders catch the rest
 (deflate/LZW errors, JPEG headers), and the readers turn their errors into SlideReadError too.
 Not detectable by anyone: uncompressed tiles overwritten with other bytes, and JPEG tiles
 damaged in the middle whose end marker survived and whose bytes still decode.
@@ -44,6 +45,7 @@ class _Level:
     tile_h: int
     jpeg: bool
     ok: np.ndarray  # (rows, cols) bool: tile checked already
+    empty: np.ndarray  # (rows, cols) bool: no data (offset or byte count 0): background
 
 
 class TileIndex:
@@ -52,25 +54,51 @@ class TileIndex:
     def __init__(self, levels: list[_Level | None]) -> None:
         self.levels = levels
 
-    def check(self, path: Any, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> None:
-        """Raise SlideReadError if a tile under the (in-bounds) level rectangle is missing or
-        damaged; tiles that passed before are not read again."""
+    def check(
+        self, path: Any, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int
+    ) -> list[tuple[int, int, int, int]] | None:
+        """Check the tiles under an in-bounds level rectangle, each once per process.
+
+        Raises SlideReadError if one is damaged. Returns None when all hold data, else the
+        ``(lv_x, lv_y, lv_w, lv_h)`` parts of the rectangle that do (runs of tiles per tile row;
+        the rest lies on empty tiles, which are background).
+        """
         lv = self.levels[level] if level < len(self.levels) else None
         if lv is None:
-            return
+            return None
         c0, c1 = lv_x // lv.tile_w, (lv_x + lv_w - 1) // lv.tile_w + 1
         r0, r1 = lv_y // lv.tile_h, (lv_y + lv_h - 1) // lv.tile_h + 1
         if lv.ok[r0:r1, c0:c1].all():
-            return
-        where = f"{path} (level {level}, region x={lv_x} y={lv_y} w={lv_w} h={lv_h})"
+            return None
+        todo = ~lv.ok[r0:r1, c0:c1] & ~lv.empty[r0:r1, c0:c1]
+        if todo.any():
+            self._inspect(path, level, lv, (lv_x, lv_y, lv_w, lv_h), r0, c0, todo)
+        empty = lv.empty[r0:r1, c0:c1]
+        if not empty.any():
+            return None
+        parts = []
+        for r, row in enumerate(~empty):
+            y0 = max(lv_y, (r0 + r) * lv.tile_h)
+            y1 = min(lv_y + lv_h, (r0 + r + 1) * lv.tile_h)
+            for start, stop in _runs(row):
+                x0 = max(lv_x, (c0 + start) * lv.tile_w)
+                x1 = min(lv_x + lv_w, (c0 + stop) * lv.tile_w)
+                parts.append((x0, y0, x1 - x0, y1 - y0))
+        return parts
+
+    def _inspect(
+        self, path: Any, level: int, lv: _Level, box: tuple, r0: int, c0: int, todo: np.ndarray
+    ) -> None:
+        where = f"{path} (level {level}, region x={box[0]} y={box[1]} w={box[2]} h={box[3]})"
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below, errors wrapped
         except OSError as exc:
             raise SlideReadError(f"cannot read {where}: {exc.strerror or exc}") from exc
         with f:
-            for r, c in zip(*np.nonzero(~lv.ok[r0:r1, c0:c1]), strict=True):
+            for r, c in zip(*np.nonzero(todo), strict=True):
                 row, col = r0 + int(r), c0 + int(c)
-                problem = _inspect(f.fileno(), lv, row, col)
+                offset, count = int(lv.offsets[row, col]), int(lv.counts[row, col])
+                problem = jpeg_damage(os.pread(f.fileno(), count, offset)) if lv.jpeg else None
                 if problem:
                     raise SlideReadError(
                         f"cannot read {where}: tile {col},{row} {problem}; other regions may "
@@ -79,11 +107,10 @@ class TileIndex:
                 lv.ok[row, col] = True
 
 
-def _inspect(fd: int, lv: _Level, row: int, col: int) -> str | None:
-    offset, count = int(lv.offsets[row, col]), int(lv.counts[row, col])
-    if offset == 0 or count == 0:
-        return "is missing from the file (empty tile entry)"
-    return jpeg_damage(os.pread(fd, count, offset)) if lv.jpeg else None
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) index runs of True in a 1-D bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def jpeg_damage(data: bytes) -> str | None:
@@ -154,4 +181,5 @@ def _level(page: Any, path: Any, size: int, level: int) -> _Level:
         th,
         int(page.compression) == _JPEG,
         np.zeros((rows, cols), bool),
+        ((offsets == 0) | (counts == 0)).reshape(rows, cols),
     )

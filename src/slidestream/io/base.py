@@ -361,9 +361,16 @@ class Slide(ABC):
         return out
 
     def _read_rgb(self, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> np.ndarray:
-        layout = self._layout
-        if layout.tiles is not None:  # damaged or missing tiles: SlideReadError before decoding
-            layout.tiles.check(self.path, level, lv_x, lv_y, lv_w, lv_h)
+        tiles = self._layout.tiles
+        parts = tiles.check(self.path, level, lv_x, lv_y, lv_w, lv_h) if tiles else None
+        if parts is None:  # damaged tiles raised SlideReadError before decoding
+            return self._decode(level, lv_x, lv_y, lv_w, lv_h)
+        out = np.full((lv_h, lv_w, 3), 255, np.uint8)  # empty (sparse) tiles are background
+        for x, y, w, h in parts:
+            out[y - lv_y : y - lv_y + h, x - lv_x : x - lv_x + w] = self._decode(level, x, y, w, h)
+        return out
+
+    def _decode(self, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> np.ndarray:
         handle = self._get_handle()
         try:
             arr = self._read_level(handle, level, lv_x, lv_y, lv_w, lv_h)
@@ -377,7 +384,7 @@ class Slide(ABC):
                 f"x={lv_x} y={lv_y} w={lv_w} h={lv_h}): tile data there is damaged ({reason}); "
                 f"other regions may still read: skip this one, or re-export or re-scan the slide"
             ) from exc
-        return layout.pixels.to_rgb(arr)
+        return self._layout.pixels.to_rgb(arr)
 
 
 def _check_size(w: int, h: int) -> tuple[int, int]:
