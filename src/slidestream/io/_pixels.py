@@ -82,11 +82,6 @@ class PixelFormat:
                 f"converts to RGB"
             )
 
-    @property
-    def plain(self) -> bool:
-        """True when the samples are 8-bit and need no lookup (the fast path)."""
-        return self.lut is None and self.colormap is None
-
     def to_rgb(self, arr: np.ndarray) -> np.ndarray:
         """(H, W[, bands]) samples → (H, W, 3) uint8, alpha composited over white."""
         if self.colormap is not None:
@@ -107,6 +102,9 @@ class PixelFormat:
 
 RGB8 = PixelFormat("8-bit RGB")
 RGBA8 = PixelFormat("8-bit RGBA", alpha="unassoc")
+_U16_TO_U8 = np.minimum((np.arange(65536, dtype=np.int64) * 510 + 65535) // 131070, 255).astype(
+    np.uint8
+)
 
 
 def to_rgb(arr: np.ndarray, *, premultiplied: bool = False) -> np.ndarray:
@@ -115,7 +113,7 @@ def to_rgb(arr: np.ndarray, *, premultiplied: bool = False) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.dtype == np.uint16:  # associated images of 16-bit files: the 16-bit rule
-        arr = _scale_lut(65535, PixelFormat("16-bit", bits=16, max_value=65535))[arr]
+        arr = _U16_TO_U8[arr]
     elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     bands = arr.shape[2]
