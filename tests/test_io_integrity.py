@@ -250,6 +250,10 @@ def test_jpeg_damage_detector_accepts_whole_streams():
     assert jpeg_damage(whole + b"\xff" * 3) is None
     assert "end-of-image" in jpeg_damage(whole[: len(whole) // 2])
     assert "start-of-image" in jpeg_damage(bytes(len(whole)))
+    scan = b"\xff\xd8\xff\xda\x00\x02"  # SOI, then SOS with an empty header
+    assert jpeg_damage(scan + b"ab\xff\xff\xd0cd\xff\xff\x00\xff\xd9") is None  # fill, RST
+    assert "stray" in jpeg_damage(scan + b"ab\xff\xff\x3fcd\xff\xd9")
+    assert "stray" in jpeg_damage(scan + b"ab\xff\x3fcd\xff\xd9")
 
 
 def test_real_files_still_open_and_read(shared_data):

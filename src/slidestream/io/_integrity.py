@@ -34,7 +34,8 @@ __all__ = ["TileIndex", "tile_index"]
 _MIN_PX_PER_BYTE = 16384  # a level 0 storing less than this is not a real slide
 _JPEG = 7
 # In JPEG entropy-coded data 0xFF is only followed by 0x00 (stuffing) or a restart marker.
-_BAD_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # candidates; 0xFF fill bytes are checked after
+_ALLOWED_AFTER_FF = frozenset([0x00, *range(0xD0, 0xD8)])
 
 
 @dataclass
@@ -124,9 +125,23 @@ def jpeg_damage(data: bytes) -> str | None:
     if sos < 0:
         return "has damaged JPEG data (no start-of-scan marker)"
     start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
-    if _BAD_MARKER.search(data, start, end - 2):
+    if _stray_marker(data, start, end - 2):
         return "has damaged JPEG data (stray bytes in the compressed data)"
     return None
+
+
+def _stray_marker(data: bytes, start: int, stop: int) -> bool:
+    """True if ``data[start:stop]`` (entropy-coded) has 0xFF followed, after any 0xFF fill
+    bytes, by something other than a stuffed 0x00 or a restart marker."""
+    pos = start
+    while (m := _MARKER.search(data, pos, stop)) is not None:
+        j = m.start() + 1
+        while j < stop and data[j] == 0xFF:
+            j += 1
+        if j < stop and data[j] not in _ALLOWED_AFTER_FF:
+            return True
+        pos = j + 1
+    return False
 
 
 def tile_index(pages: list[Any], path: Any, file_size: int | None = None) -> TileIndex | None:
