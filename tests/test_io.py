@@ -53,11 +53,53 @@ def test_backends_return_identical_pixels(slides, name):
                 np.testing.assert_array_equal(got, want, err_msg=f"{b} differs from pyvips")
 
 
-def test_level_reads_agree_on_odd_pyramid_for_grid_readers(slides):
-    # OpenSlide resamples levels whose size ratio is not an integer; pyvips/tiffslide do not
+def test_level_reads_agree_on_odd_pyramid_for_all_readers(slides):
     a = open_slide(slides["odd"], backend="pyvips").read_level(1, 333, 201, 257, 130)
-    b = open_slide(slides["odd"], backend="tiffslide").read_level(1, 333, 201, 257, 130)
-    np.testing.assert_array_equal(a, b)
+    for backend in ("tiffslide", "openslide"):
+        b = open_slide(slides["odd"], backend=backend).read_level(1, 333, 201, 257, 130)
+        np.testing.assert_array_equal(a, b, err_msg=backend)
+
+
+_ODD_PYRAMIDS = [
+    [(1001, 767), (250, 191), (62, 47)],
+    [(3001, 2003), (1500, 1001), (750, 500), (187, 125)],
+    [(1234, 777), (400, 250), (100, 63)],
+    [(2401, 1601), (1200, 800), (399, 266)],
+]
+
+
+@pytest.mark.parametrize("sizes", _ODD_PYRAMIDS, ids=lambda s: f"{s[0][0]}x{s[0][1]}")
+def test_level_pixels_exactly_as_stored_on_every_reader(tmp_path, sizes, caplog):
+    import tifffile
+
+    rng = np.random.default_rng(sizes[0][0])
+    path = tmp_path / "pyr.tiff"
+    stored = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    with tifffile.TiffWriter(path) as tw:
+        for i, arr in enumerate(stored):
+            tw.write(arr, tile=(64, 64), photometric="rgb", compression="zlib", subfiletype=i > 0)
+    readers = [open_slide(path, backend=b) for b in ("pyvips", "tiffslide", "openslide")]
+    assert readers[2].level_count == len(sizes)  # tifffile drops levels of odd ratios (4.01, 3.1)
+    for level, want in enumerate(stored):
+        h, w = want.shape[:2]
+        boxes = [(0, 0, w, h)] + [
+            (int(x), int(y), int(rng.integers(1, 80)), int(rng.integers(1, 80)))
+            for x, y in zip(rng.integers(0, w - 1, 12), rng.integers(0, h - 1, 12), strict=True)
+        ]
+        for s in readers:
+            if level >= s.level_count:
+                continue
+            for x, y, bw, bh in boxes:
+                got = s.read_level(level, x, y, bw, bh)
+                ref = np.full((bh, bw, 3), 255, np.uint8)
+                ref[: max(0, min(bh, h - y)), : max(0, min(bw, w - x))] = want[
+                    y : y + bh, x : x + bw
+                ]
+                np.testing.assert_array_equal(
+                    got, ref, err_msg=f"{s.backend} level {level} {x},{y}"
+                )
+            np.testing.assert_array_equal(s.read(0, 0, w, h, level=level), want)
+    assert "interpolated" not in caplog.text
 
 
 def test_read_shape_dtype_and_white_padding(slides):

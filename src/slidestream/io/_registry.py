@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from slidestream.errors import BackendUnavailableError, ConfigError, SlideOpenError
+from slidestream.io._pixels import RefusedFileError
 from slidestream.io.base import Slide
 from slidestream.io.image import ImageSlide
 from slidestream.io.openslide import OpenSlideSlide
@@ -119,6 +120,8 @@ def open_slide(
     for name in names:
         try:
             return BACKENDS[name](path, mpp=mpp, resample=resample)
+        except RefusedFileError:  # the file's header or pixels: every reader refuses it alike
+            raise
         except (SlideOpenError, ConfigError) as exc:
             if isinstance(exc, ConfigError):
                 raise

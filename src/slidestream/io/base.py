@@ -28,6 +28,7 @@ from slidestream.errors import (
     MissingMppError,
     SlideReadError,
 )
+from slidestream.io._pixels import RGB8, PixelFormat, to_rgb
 from slidestream.types import SlideInfo
 
 __all__ = ["Slide", "LevelLayout", "RESAMPLE_FILTERS", "snap_downsample", "plausible_mpp"]
@@ -93,6 +94,8 @@ class LevelLayout:
     vendor: str
     properties: Mapping[str, str] = field(default_factory=dict)
     associated: tuple[str, ...] = ()
+    pixels: PixelFormat = RGB8  # how the samples _read_level returns become 8-bit RGB
+    tiles: Any = None  # an io._integrity.TileIndex: checks tiles before a read, or None
 
 
 class Slide(ABC):
@@ -136,7 +139,7 @@ class Slide(ABC):
     def _read_level(
         self, handle: Any, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int
     ) -> np.ndarray:
-        """Pixels of an in-bounds rectangle of ``level`` as (h, w, 1|3|4) uint8."""
+        """Samples of an in-bounds rectangle of ``level``, as ``LevelLayout.pixels`` describes."""
 
     @abstractmethod
     def _read_associated(self, handle: Any, name: str) -> np.ndarray:
@@ -217,7 +220,7 @@ class Slide(ABC):
     def associated_images(self) -> dict[str, np.ndarray]:
         """Label, macro and thumbnail images stored beside the pyramid, as (H, W, 3) uint8."""
         handle = self._get_handle()
-        return {n: _to_rgb(self._read_associated(handle, n)) for n in self._layout.associated}
+        return {n: to_rgb(self._read_associated(handle, n)) for n in self._layout.associated}
 
     @property
     def info(self) -> SlideInfo:
@@ -358,43 +361,33 @@ class Slide(ABC):
         return out
 
     def _read_rgb(self, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> np.ndarray:
+        tiles = self._layout.tiles
+        parts = tiles.check(self.path, level, lv_x, lv_y, lv_w, lv_h) if tiles else None
+        if parts is None:  # damaged tiles raised SlideReadError before decoding
+            return self._decode(level, lv_x, lv_y, lv_w, lv_h)
+        out = np.full((lv_h, lv_w, 3), 255, np.uint8)  # empty (sparse) tiles are background
+        for x, y, w, h in parts:
+            out[y - lv_y : y - lv_y + h, x - lv_x : x - lv_x + w] = self._decode(level, x, y, w, h)
+        return out
+
+    def _decode(self, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int) -> np.ndarray:
         handle = self._get_handle()
         try:
             arr = self._read_level(handle, level, lv_x, lv_y, lv_w, lv_h)
         except SlideReadError:
             raise
         except Exception as exc:  # the C libraries raise many types; name the file and region
+            self.close()  # a library handle may be left unusable (OpenSlide): reopen next read
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise SlideReadError(
                 f"cannot read {self.path} with {self.backend} (level {level}, region "
-                f"x={lv_x} y={lv_y} w={lv_w} h={lv_h}): {reason}; the file is corrupt or "
-                f"truncated: re-export or re-scan it, or try another backend="
+                f"x={lv_x} y={lv_y} w={lv_w} h={lv_h}): tile data there is damaged ({reason}); "
+                f"other regions may still read: skip this one, or re-export or re-scan the slide"
             ) from exc
-        return _to_rgb(arr)
+        return self._layout.pixels.to_rgb(arr)
 
 
 def _check_size(w: int, h: int) -> tuple[int, int]:
     if int(w) != w or int(h) != h or w < 1 or h < 1:
         raise ConfigError(f"region size must be positive integers, got w={w}, h={h}")
     return int(w), int(h)
-
-
-def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    """(H, W, 1|2|3|4) uint8 → (H, W, 3) uint8, compositing alpha over white."""
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    bands = arr.shape[2]
-    if bands in (2, 4):
-        alpha = arr[..., -1:].astype(np.uint16)
-        color = arr[..., :-1].astype(np.uint16)
-        if alpha.min() < 255:
-            color = (color * alpha + 255 * (255 - alpha) + 127) // 255
-        arr = color.astype(np.uint8)
-        bands -= 1
-    if bands == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif bands != 3:
-        arr = arr[..., :3]
-    return np.ascontiguousarray(arr)

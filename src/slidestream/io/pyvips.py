@@ -7,7 +7,7 @@ vendor, associated images, which TIFF page holds which level) comes from tiffsli
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ __all__ = ["PyvipsSlide"]
 
 # TIFF compressions libvips' libtiff decodes: none, LZW, JPEG, deflate, packbits, zstd, webp.
 _SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32773, 32946, 50000, 50001}
+_DTYPES = {"uchar": np.uint8, "ushort": np.uint16}
 
 
 def _import() -> Any:
@@ -30,7 +31,8 @@ def _import() -> Any:
 class _Handle:
     path: str
     pages: list[tuple[int, int | None]]  # (page, subifd) of each level
-    regions: dict[int, tuple[Any, int]] = field(default_factory=dict)  # level -> (Region, bands)
+    # level -> (Region, bands, numpy dtype of the samples)
+    regions: dict[int, tuple[Any, int, Any]] = field(default_factory=dict)
     meta: LevelLayout | None = None  # tiffslide's reading of the metadata, on first opening
 
 
@@ -54,9 +56,16 @@ class PyvipsSlide(Slide):
         meta = handle.meta
         if meta is None or len(meta.level_dimensions) != len(handle.pages):
             raise SlideOpenError(f"pyvips: level layout of {self.path} is not a plain pyramid")
-        return LevelLayout(
-            meta.level_dimensions, meta.mpp, meta.vendor, meta.properties, meta.associated
-        )
+        # libvips inverts MinIsWhite and expands palettes itself (as libtiff does)
+        pixels = meta.pixels.decoded(inverted=True, palette=True)
+        if pixels.bits not in (8, 16):  # libtiff (in libvips) reads 8- and 16-bit samples
+            raise SlideOpenError(f"pyvips: {self.path} stores {pixels.name} samples")
+        if pixels.alpha == "assoc":  # libvips un-premultiplies, with its own rounding
+            raise SlideOpenError(
+                f"pyvips: {self.path} has premultiplied alpha, which libvips converts with its "
+                f"own rounding; open it with backend='tiffslide'"
+            )
+        return replace(meta, pixels=pixels)
 
     def _region(self, handle: _Handle, level: int) -> Any:
         region = handle.regions.get(level)
@@ -66,28 +75,29 @@ class PyvipsSlide(Slide):
             kwargs: dict[str, Any] = {
                 "page": page,
                 "access": "random",
-                "fail_on": "error",
+                "fail_on": "warning",  # "error" returns deflate/LZW decode errors as grey
                 "revalidate": True,
             }
             if subifd is not None:
                 kwargs["subifd"] = subifd
             image = pyvips.Image.tiffload(handle.path, **kwargs)
-            if image.format != "uchar":
-                raise SlideOpenError(f"pyvips: {self.path} stores {image.format} pixels, not 8-bit")
-            region = handle.regions[level] = (pyvips.Region.new(image), image.bands)
+            dtype = _DTYPES.get(image.format)
+            if dtype is None:  # from_tiff_page accepts only 8/16-bit unsigned samples
+                raise SlideOpenError(f"pyvips: {self.path} decodes to {image.format} pixels")
+            region = handle.regions[level] = (pyvips.Region.new(image), image.bands, dtype)
         return region
 
     def _read_level(
         self, handle: _Handle, level: int, lv_x: int, lv_y: int, lv_w: int, lv_h: int
     ) -> np.ndarray:
-        region, bands = self._region(handle, level)
+        region, bands, dtype = self._region(handle, level)
         try:
             buf = region.fetch(lv_x, lv_y, lv_w, lv_h)
         except Exception:
             # libvips keeps failed tiles as black pixels: drop the image so a retry re-decodes
             del handle.regions[level]
             raise
-        return np.frombuffer(buf, np.uint8).reshape(lv_h, lv_w, bands)
+        return np.frombuffer(buf, dtype).reshape(lv_h, lv_w, bands)
 
     def _read_associated(self, handle: _Handle, name: str) -> np.ndarray:
         with TiffSlideSlide(self.path) as ts:

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from slidestream.errors import SlideOpenError
+from slidestream.io._integrity import tile_index
+from slidestream.io._pixels import PixelFormat, from_tiff_page
 from slidestream.io.base import LevelLayout, Slide, import_backend, plausible_mpp
 
 __all__ = ["TiffSlideSlide"]
@@ -32,7 +34,9 @@ class TiffSlideSlide(Slide):
             raise SlideOpenError(f"tiffslide cannot open {self.path}: {exc}") from exc
 
     def _describe(self, handle: Any) -> LevelLayout:
-        _check_decodable(handle, self.path)
+        levels = _check_decodable(handle, self.path)
+        pixels = level_pixel_format(levels, self.path)
+        pixels.check_reader("tiffslide", self.path)
         props = {k: str(v) for k, v in handle.properties.items() if v is not None}
         mpp_x = plausible_mpp(props.get("tiffslide.mpp-x"))
         mpp_y = plausible_mpp(props.get("tiffslide.mpp-y"))
@@ -43,6 +47,8 @@ class TiffSlideSlide(Slide):
             vendor="generic-tiff" if vendor == "generic" else vendor,
             properties=props,
             associated=tuple(handle.associated_images.keys()),
+            pixels=pixels,
+            tiles=tile_index(levels, self.path),
         )
 
     def _read_level(
@@ -58,18 +64,31 @@ class TiffSlideSlide(Slide):
         return np.asarray(handle.associated_images[name])
 
 
-def _check_decodable(handle: Any, path: Any) -> None:
-    """Refuse at open time a file whose tiles tifffile/imagecodecs cannot decode."""
+def _check_decodable(handle: Any, path: Any) -> list[Any]:
+    """The series' level keyframes; SlideOpenError if tifffile/imagecodecs cannot decode them."""
     import tifffile
 
     try:
         series = handle.ts_tifffile.series[handle.properties.get("tiffslide.series-index", 0)]
-        compressions = {int(level.keyframe.compression) for level in series.levels}
+        pages = [level.keyframe for level in series.levels]
+        compressions = {int(page.compression) for page in pages}
     except Exception as exc:
         raise SlideOpenError(f"tiffslide cannot parse the TIFF structure of {path}: {exc}") from exc
     unknown = sorted(c for c in compressions if c not in tifffile.TIFF.DECOMPRESSORS)
     if unknown:
         raise SlideOpenError(f"tiffslide: unsupported TIFF compression {unknown[0]} in {path}")
+    return pages
+
+
+def level_pixel_format(pages: list[Any], path: Any) -> PixelFormat:
+    """The pixel format shared by all levels (tifffile keyframes), or SlideOpenError."""
+    formats = [from_tiff_page(page, path) for page in pages]
+    if len({f.name for f in formats}) > 1:
+        raise SlideOpenError(
+            f"levels of {path} store different pixel formats "
+            f"({formats[0].name} and {formats[-1].name}); re-export it as one pyramid"
+        )
+    return formats[0]
 
 
 def _level0_for(lv: int, ds: float) -> int:
