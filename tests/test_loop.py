@@ -236,3 +236,19 @@ def test_a_silent_ddp_rank_is_named_within_the_timeout(tmp_path):
     msg = (tmp_path / "error.txt").read_text()
     assert "a rank stopped answering after epoch 1" in msg and "1" in msg.split(":", 1)[1]
     assert time.perf_counter() - t0 < 60
+
+
+def test_every_trainer_flag_explains_itself(capsys):
+    import dataclasses
+
+    from slidestream.cli import main
+    from slidestream.train.config import field_help
+    from slidestream.train.patch_config import PatchTrainConfig
+
+    for cls in (SlideTrainConfig, PatchTrainConfig):
+        missing = {f.name for f in dataclasses.fields(cls)} - set(field_help(cls))
+        assert not missing, f"{cls.__name__} fields without a meaning: {sorted(missing)}"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--tile-size TILE_SIZE streaming tile, input px" in out and "(default: auto)" in out

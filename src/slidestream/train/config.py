@@ -42,9 +42,24 @@ def _field_type(cls: type, f: dataclasses.Field) -> tuple[Any, bool]:
     return hint, False
 
 
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's meaning: the comment after it in the dataclass's source (one line)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*=[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--field`` for every field of the dataclass ``cls`` (default: not given)."""
+    """Add ``--field`` for every field of the dataclass ``cls`` (default: not given), with the
+    field's comment and default as help."""
     group = parser.add_argument_group("config (each overrides the YAML)")
+    meaning = field_help(cls)
     for f in dataclasses.fields(cls):
         base, optional = _field_type(cls, f)
         conv = _parse_bool if base is bool else base if base in (int, float) else str
@@ -57,7 +72,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             type=conv,
             metavar=f.name.upper(),
             default=argparse.SUPPRESS,
-            help=f"default: {default}",
+            help=f"{meaning.get(f.name, '')} (default: {default})".strip().replace("%", "%%"),
         )
 
 

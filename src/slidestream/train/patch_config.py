@@ -15,31 +15,31 @@ class PatchTrainConfig:
 
     data: str = ""  # DB.train.h5, or a cohort CSV (streamed with PatchStream)
     val_data: str | None = None  # DB.val.h5 or CSV; default: the sibling .val.h5 of data
-    model: str = "densenet121"
+    model: str = "densenet121"  # any torchvision classifier, or timm/<name> with timm
     weights: str | None = None  # torchvision weights name, state-dict file, or none
     size: int = 256  # patch size for streamed data (databases carry their own)
     mpp: float = 0.5  # µm/px for streamed data
-    epochs: int = 10
+    epochs: int = 10  # epochs of steps_per_epoch steps
     steps_per_epoch: int | None = None  # default: one pass over the database; 200 for streams
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    batch_size: int = 32  # patches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-4  # L2 weight decay (decoupled for adamw)
     optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.9
-    schedule: str = "cosine"  # cosine | none
+    momentum: float = 0.9  # SGD momentum
+    schedule: str = "cosine"  # cosine (to 0 over all steps) | none (constant lr)
     amp: bool | None = None  # mixed precision; none: on for CUDA (bf16, or fp16 + GradScaler)
     channels_last: bool | None = None  # channels-last model and batches; none: on for CUDA
-    class_weighting: str = "none"  # none | balanced
-    balanced_sampling: bool = False
-    augmentation: str = "light"  # light | strong | none
-    workers: int = 2
-    seed: int = 0
-    out: str = "runs"
+    class_weighting: str = "none"  # none | balanced (loss weights 1 / class frequency)
+    balanced_sampling: bool = False  # draw patches (or slides, streamed) class-balanced
+    augmentation: str = "light"  # light (flips/rot90, HED) | strong (+colour, blur, elastic) | none
+    workers: int = 2  # DataLoader processes
+    seed: int = 0  # seeds model init, sampling and augmentation
+    out: str = "runs"  # folder holding run folders
     name: str | None = None  # run folder under out; none: named from data and model
     resume_from: str | None = None  # start from this checkpoint's weights (a new run)
-    val_interval: int = 1
-    best_metric: str = "accuracy"
-    device: str = "auto"
+    val_interval: int = 1  # validate every N epochs
+    best_metric: str = "accuracy"  # accuracy | balanced_accuracy | auc | kappa_quadratic
+    device: str = "auto"  # auto (CUDA if available) | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
         if not self.data:
