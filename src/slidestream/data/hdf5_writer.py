@@ -95,6 +95,8 @@ class PatchDatabaseWriter:
                 continue
             done.add(key)
             self._shards.append((shard, key))
+        with contextlib.suppress(OSError):
+            self.parts.rmdir()  # only if empty: everything in it was consolidated
         self.completed = done
         last = self._shards[-1][0].stem if self._shards else "-1"
         self._next = int(last) + 1
