@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import h5py
 import numpy as np
@@ -104,6 +105,14 @@ def test_prepare_leaves_damaged_blocks_white_and_counts_them(pair, damaged, tmp_
     white = image.min(-1) > 240
     assert white[: int((DAMAGE[3] - y0) / 2) - 1, : int((DAMAGE[2] - x0) / 2) - 1].all()
     assert white.mean() < 0.5  # only the damaged corner
+
+
+def test_prepare_fails_a_slide_with_nothing_readable(pair, damaged, tmp_path, monkeypatch):
+    _, bad, _, _ = pair
+    monkeypatch.setattr(sys.modules[__name__], "DAMAGE", (0.0, 0.0, 1e9, 1e9))
+    with pytest.raises(SlideReadError, match="no pixels .* could be decoded"):
+        prepare_slide(SlideEntry(bad, "tumour"), tmp_path, 2.0)
+    assert not list(tmp_path.glob("*.tiff")) and not list(tmp_path.glob("*.json"))
 
 
 def test_predict_leaves_out_and_counts_damaged_tiles(pair, damaged, tmp_path):

@@ -105,3 +105,28 @@ def test_hostile_names_are_text_and_pictures_resolve(tmp_path):
     for name in HOSTILE[1:]:
         assert name in text  # shown as text, literally
     assert "<script>t</script>" in text and "r' onmouseover='x" in text
+
+
+def test_slides_with_one_name_keep_their_own_pictures(tmp_path):
+    root = tmp_path / "run"
+    pred, tissue = root / "pred", root / "tissue"
+    rows = []
+    for i, case in enumerate(("case1", "case2")):
+        slide = tmp_path / case / "HE.svs"
+        _png(pred / f"HE-{i}.heatmap.png", 50 + i)
+        _png(tissue / f"HE-t{i}.qc.png", 150 + i)  # tissue named them its own way
+        (tissue / f"HE-t{i}.tissue.json").write_text(f'{{"slide": "{slide}"}}')
+        rows.append([str(slide), f"HE-{i}", "tumour", "tumour", 0.1, 0.9])
+    with open(pred / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slide", "stem", "label", "call", "p_normal", "p_tumour"])
+        w.writerows(rows)
+    index = write_report(root)
+    parser = _Collect()
+    parser.feed(index.read_text(encoding="utf-8"))
+    values = [
+        int(np.asarray(Image.open(index.parent / unquote(a["src"])))[0, 0, 0])
+        for t, a in parser.tags
+        if t == "img"
+    ]
+    assert values == [150, 50, 151, 51]  # (qc, heatmap) of case1, then of case2

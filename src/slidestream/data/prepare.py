@@ -227,13 +227,20 @@ def _read_run(
     except SlideReadError as exc:
         log.info("%s: damaged pixels in (%g, %g, %g, %g): %s", slide.path, *box, exc)
     out = np.full((out_h, out_w, 3), 255, np.uint8)
+    read = 0
     for j in range(0, out_h, _BLOCK):
         for i in range(0, out_w, _BLOCK):
             bw, bh = min(_BLOCK, out_w - i), min(_BLOCK, out_h - j)
             try:
                 out[j : j + bh, i : i + bw] = slide.read(x + i * sx, y + j * sy, bw, bh, mpp=mpp)
+                read += 1
             except SlideReadError:
                 damaged.append([x + i * sx, y + j * sy, bw * sx, bh * sy])
+    if not read:
+        raise SlideReadError(
+            f"{slide.path.name}: no pixels of the tissue region at ({x:.0f}, {y:.0f}) could be "
+            f"decoded; the file is damaged (re-scan or re-export it)"
+        )
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 import shutil
 from pathlib import Path
@@ -149,13 +150,18 @@ def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
     if not calls:
         return ""
     qc = {q.name: q for q in sorted(root.rglob("*.qc.png")) if img not in q.parents}
+    qc_of = _qc_by_source(root, img)
     parts = [
         "<h2>Held-out slides</h2><div class='slides'><b>tissue</b><b>heatmap</b>"
         "<b>prediction vs truth</b>"
     ]
     for slide in sorted(calls):
         stem = names[slide]
-        found = [qc.get(f"{stem}.qc.png") or qc.get(f"{Path(slide).stem}.qc.png")]
+        found = [
+            qc_of.get(_resolved(slide))
+            or qc.get(f"{stem}.qc.png")
+            or qc.get(f"{Path(slide).stem}.qc.png")
+        ]
         found.append(heatmaps.get(slide))
         pics = [
             _img(f, img, f"{stem}{suffix}") if f else "<i>none</i>"
@@ -167,6 +173,29 @@ def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
         )
     parts.append("</div>")
     return "".join(parts)
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return path
+
+
+def _qc_by_source(root: Path, img: Path) -> dict[str, Path]:
+    """QC overlays of ``slidestream tissue`` keyed by their slide (from ``<stem>.tissue.json``)."""
+    found = {}
+    for meta in sorted(root.rglob("*.tissue.json")):
+        png = meta.with_name(meta.name[: -len(".tissue.json")] + ".qc.png")
+        if img in meta.parents or not png.is_file():
+            continue
+        try:
+            slide = json.loads(meta.read_text(encoding="utf-8")).get("slide")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(slide, str):
+            found.setdefault(_resolved(slide), png)
+    return found
 
 
 def _call(pred_csv: Path, r: dict[str, str]) -> str:
