@@ -76,6 +76,8 @@ def build_patch_databases(
     ``labels`` is ``"slide"`` (the cohort's label column) or ``"annotations"`` (the class of the
     GeoJSON polygon containing each patch's centre; patches outside every polygon are left out).
     ``per_slide`` caps the patches per slide (required for endless random samplers).
+    Slides are committed one by one, crash-safely (:mod:`slidestream.data.hdf5_writer`); a
+    patch whose pixels cannot be decoded is left out and counted in ``DatabaseBuild.damaged``.
     """
     from tqdm import tqdm
 

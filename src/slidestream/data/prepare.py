@@ -110,19 +110,8 @@ def prepare_slide(
         rows = tissue_runs(mask.mask.any(1), margin, remove_empty)
         cols = tissue_runs(mask.mask.any(0), margin, remove_empty)
         image, damaged = _packed_image(slide, mask, rows, cols, mpp)
-    packed_mask = np.concatenate(
-        [np.concatenate([mask.mask[r0:r1, c0:c1] for c0, c1 in cols], axis=1) for r0, r1 in rows],
-        axis=0,
-    )
     h, w = image.shape[:2]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _save_tiff(image, tiff, mpp, quality)
-    TissueMask(packed_mask, (w, h), mask.mpp, mask.method, mask.params).save(
-        out_dir / f"{stem}.tissue.png"
-    )
-    thumb = Image.fromarray(image)
-    thumb.thumbnail((512, 512))
-    _replace_into(out_dir / f"{stem}.thumb.png", lambda tmp: thumb.save(tmp, format="PNG"))
+    _write_images(out_dir, stem, image, mask, rows, cols, mpp, quality)
     row = {
         "slide": tiff.name,  # relative to prepared.csv, so the folder can move
         "label": entry.label or "",
@@ -146,6 +135,32 @@ def prepare_slide(
     # written last: marks the slide done
     _replace_into(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
     return row
+
+
+def _write_images(
+    out_dir: Path,
+    stem: str,
+    image: np.ndarray,
+    mask: TissueMask,
+    rows: list[tuple[int, int]],
+    cols: list[tuple[int, int]],
+    mpp: float,
+    quality: int,
+) -> None:
+    """``<stem>.tiff``, its packed tissue mask and thumbnail, each renamed into place."""
+    packed = np.concatenate(
+        [np.concatenate([mask.mask[r0:r1, c0:c1] for c0, c1 in cols], axis=1) for r0, r1 in rows],
+        axis=0,
+    )
+    h, w = image.shape[:2]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_tiff(image, out_dir / f"{stem}.tiff", mpp, quality)
+    TissueMask(packed, (w, h), mask.mpp, mask.method, mask.params).save(
+        out_dir / f"{stem}.tissue.png"
+    )
+    thumb = Image.fromarray(image)
+    thumb.thumbnail((512, 512))
+    _replace_into(out_dir / f"{stem}.thumb.png", lambda tmp: thumb.save(tmp, format="PNG"))
 
 
 def _replace_into(path: Path, write: Any) -> None:
