@@ -200,3 +200,18 @@ def test_second_writer_gets_one_line_and_the_file_stays_intact(
     finally:
         held.close()
     assert "s.val.h5 is being written by another" in capsys.readouterr().err
+
+
+def test_shards_of_a_run_with_other_classes_are_redone(tmp_path, caplog):
+    out = tmp_path / "db.h5"
+    patch = (np.zeros((8, 8, 3), np.uint8), 1, 0, 0, 1.0)
+    first = PatchDatabaseWriter(out, 8, ["a", "b"], "all")
+    first.add_slide("s1", "p1", iter([patch]))
+    first._stack.close()  # "killed": unlocked, never consolidated
+    second = PatchDatabaseWriter(out, 8, ["a", "b", "c"], "all")
+    assert second.completed == set()  # label 1 meant "b" there; the slide is redone
+    second.add_slide("s1", "p1", iter([patch, patch]))
+    second.close()
+    assert "other classes" in caplog.text
+    db = PatchDatabase(out)
+    assert len(db) == 2 and db.class_counts == {"a": 0, "b": 2, "c": 0}

@@ -89,7 +89,7 @@ class PatchDatabaseWriter:
         done = set(self._final["completed"]) if self._final else set()
         self._shards: list[tuple[Path, str]] = []
         for shard in sorted(self.parts.glob("[0-9]*.h5")) if self.parts.is_dir() else []:
-            key = _shard_key(shard)
+            key = _shard_key(shard, self.classes, self.patch_size)
             if key is None or key in done:  # unreadable, or consolidated before a crash
                 shard.unlink()
                 continue
@@ -163,6 +163,8 @@ class PatchDatabaseWriter:
                         n = _write(h5, n, block, slide_key, patient)
                 n = _write(h5, n, block, slide_key, patient)
                 h5.attrs["shard_key"] = slide_key
+                h5.attrs["classes"] = json.dumps(self.classes)
+                h5.attrs["patch_size"] = self.patch_size
                 h5.attrs["n_committed"] = n
                 h5.attrs["damaged_regions"] = int((damaged or {}).get(slide_key, 0))
             os.replace(tmp, shard)  # the commit point
@@ -283,15 +285,22 @@ def _append(out: Any, src: Any, n: int) -> int:
     return m
 
 
-def _shard_key(path: Path) -> str | None:
+def _shard_key(path: Path, classes: list[str], patch_size: int) -> str | None:
+    """The slide a shard holds; None (it is redone) if unreadable or of other classes/size."""
     import h5py
 
     try:
         with h5py.File(path, "r") as h5:
-            return str(h5.attrs["shard_key"])
+            key = str(h5.attrs["shard_key"])
+            same = json.loads(h5.attrs["classes"]) == classes
+            same = same and int(h5.attrs["patch_size"]) == patch_size
     except Exception as exc:  # noqa: BLE001 - renamed into place whole, so only disk damage
         log.warning("ignoring unreadable shard %s (%s); its slide is redone", path, exc)
         return None
+    if not same:
+        log.warning("ignoring %s, left by a run with other classes or patch size", path)
+        return None
+    return key
 
 
 def _temporaries(path: Path) -> list[Path]:
