@@ -177,3 +177,13 @@ def test_missing_mpp_hint_names_slide_mpp_and_the_flag_works(pair, tmp_path, cap
     assert code == 0
     rows = list(csv.DictReader((tmp_path / "p" / "prepared.csv").read_text().splitlines()))
     assert len(rows) == 1 and int(rows[0]["width"]) <= 100  # 400 px at 1 µm/px -> 4 µm/px
+
+
+def test_preview_missing_mpp_hint_and_slide_mpp(pair, tmp_path, capsys):
+    _, _, good, nompp = pair
+    args = ["patches-preview", str(nompp), str(good), "--mpp", "2", "--size", "32", "--n", "4"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--min-tissue", "0.1"]) == 1
+    err = capsys.readouterr().err
+    assert f"{nompp}: no microns-per-pixel" in err and "--slide-mpp" in err
+    code = main([*args, "--out", str(tmp_path / "b"), "--min-tissue", "0.1", "--slide-mpp", "1"])
+    assert code == 0 and len(list((tmp_path / "b").glob("*.locations.png"))) == 2

@@ -7,7 +7,9 @@ A worker must not outlive the command that started it: killed with ``kill -9``, 
 no chance to stop its pool, and orphaned workers (hundreds of MB each) would go on writing into
 the output folder. Each worker therefore asks Linux to SIGKILL it when its parent dies
 (``prctl(PR_SET_PDEATHSIG)``) and, on every platform, runs a watchdog thread that exits the
-worker within a second of the parent's disappearance.
+worker within a second of the parent's disappearance. (Linux sends the death signal when the
+*thread* that started the worker ends, so use a pool from the thread that created it, as a
+``with process_pool(n) as pool:`` block does.)
 
 :func:`exclusive_lock` keeps two commands from writing the same output at once.
 """

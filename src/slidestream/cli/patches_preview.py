@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
     cohort = load_cohort(source)
     for problem in cohort.problems:
         error_line("patches-preview", f"{problem} (left out)")
+    cohort = _without_missing_mpp(cohort.with_slide_mpp(args.slide_mpp), args.backend)
     if not len(cohort):
         error_line("patches-preview", "no usable slides")
         return 1
-    cohort = cohort.with_slide_mpp(args.slide_mpp)
     paths = [e.path for e in cohort]
     stems = dict(zip(map(str, paths), output_stems(paths), strict=True))
     sampler = RandomPatchSampler(args.size, args.mpp, args.min_tissue, replacement=False)
@@ -105,6 +105,29 @@ def run(args: argparse.Namespace) -> int:
         f"({stats['slides_dropped']} dropped) -> {args.out / 'patches.png'}"
     )
     return 1 if stats["slides_dropped"] or cohort.problems or not items else 0
+
+
+def _without_missing_mpp(cohort, backend: str):
+    """The cohort less the slides with no mpp anywhere, each reported with the way to give it
+    (in this command ``--mpp`` is the patches' resolution, not the slide's)."""
+    from slidestream.errors import MissingMppError, SlideStreamError
+    from slidestream.io import open_slide
+    from slidestream.sampling.cohort import failure_message
+
+    missing = []
+    for entry in cohort:
+        if entry.mpp is None:
+            try:
+                with open_slide(entry.path, backend=backend) as slide:
+                    if slide.mpp is None:
+                        missing.append(entry.path)
+            except SlideStreamError:
+                continue  # the stream reports it
+    for path in missing:
+        msg = failure_message(path, MissingMppError())
+        error_line("patches-preview", f"{msg} (left out)")
+        cohort.problems.append(msg)
+    return cohort.without(missing)
 
 
 def _draw_locations(
