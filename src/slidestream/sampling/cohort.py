@@ -199,7 +199,7 @@ def _records(text: str, path: Path) -> list[tuple[int, list[str]]]:
 
 
 def _line_of(problem: str) -> int:
-    head = problem.split(" line ", 1)[-1].split(":", 1)[0]
+    head = problem.split(": ", 1)[0].rsplit(" line ", 1)[-1]
     return int(head) if head.isdigit() else 0
 
 
