@@ -86,7 +86,8 @@ def test_workers_die_with_prepare_and_the_rerun_completes(cohort_csv, tmp_path):
     for tiff in out.glob("*.tiff"):
         assert open_slide(tiff).dimensions[0] > 0
     for meta in out.glob("*.json"):
-        assert (out / json.loads(meta.read_text())["row"]["slide"]).is_file()
+        if not meta.name.endswith(".tissue.json"):  # a slide's marker: its TIFF is whole
+            assert (out / json.loads(meta.read_text())["row"]["slide"]).is_file()
     res = prepare_cohort(load_cohort(cohort_csv), out, 1.0, workers=1, progress=False)
     assert len(res.rows) == 4 and not res.failures
     leftovers = [p.name for p in out.rglob(".*")]

@@ -15,6 +15,7 @@ decoded (damaged tiles) is left white and counted; the slide's row names how man
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -290,7 +291,8 @@ def prepare_cohort(
     progress: bool = True,
     **kwargs: Any,
 ) -> PrepareResult:
-    """Prepare every slide (in parallel processes) and write ``out_dir/prepared.csv``."""
+    """Prepare every slide (in ``workers`` parallel processes; in this one for ``workers=1``)
+    and write ``out_dir/prepared.csv``."""
     if not mpp > 0:
         raise ConfigError(f"mpp must be positive, got {mpp}")
     out_dir = Path(out_dir)
@@ -310,9 +312,10 @@ def _run_jobs(
     result = PrepareResult(failures=list(cohort.problems))
     stems = output_stems([e.path for e in cohort])
     jobs = [(e, out_dir, mpp, {**kwargs, "stem": s}) for e, s in zip(cohort, stems, strict=True)]
-    with process_pool(workers) as pool:
+    pool = process_pool(workers) if workers > 1 else contextlib.nullcontext()
+    with pool:  # one worker: this process (no start-up cost, same as slidestream tissue)
         for row, err in tqdm(
-            pool.map(_job, jobs),
+            pool.map(_job, jobs) if workers > 1 else map(_job, jobs),
             total=len(jobs),
             desc="prepare",
             unit="slide",
