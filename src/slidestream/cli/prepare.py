@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("cohort", nargs="+", metavar="COHORT", help="cohort CSV/TSV or slides")
     p.add_argument("--mpp", type=positive_float, required=True, help="target µm per pixel")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (2; 1 runs in this process)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="parallel processes (2; 1 runs in this process)"
+    )
     p.add_argument(
         "--keep-empty", action="store_true", help="keep empty rows/columns between tissue pieces"
     )
