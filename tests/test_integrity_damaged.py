@@ -14,6 +14,7 @@ import torchvision
 
 from slidestream.cli import main
 from slidestream.data.database import build_patch_databases
+from slidestream.data.hdf5 import PatchDatabase
 from slidestream.data.prepare import prepare_slide
 from slidestream.errors import SlideReadError
 from slidestream.infer import PatchPredictor
@@ -74,6 +75,7 @@ def test_patches_skips_and_counts_damaged_regions(pair, damaged, tmp_path, capsy
         xy = set(zip(h5["x"][:].tolist(), h5["y"][:].tolist(), slides, strict=True))
         assert sorted(json.loads(h5.attrs["completed_slides"])) == sorted([str(bad), str(good)])
     assert counts == {str(bad): damaged["raised"]} and damaged["raised"] > 0
+    assert PatchDatabase(out).damaged_regions == counts
     assert not [1 for x, y, s in xy if s == str(bad) and _in_damage(x, y)]
     assert [1 for x, y, s in xy if s == str(good) and _in_damage(x, y)]
     assert f"{bad}: {counts[str(bad)]} patch regions with undecodable pixels" in captured.err

@@ -62,6 +62,8 @@ class PatchDatabase(Dataset):
                 self.class_counts = json.loads(h5.attrs["class_counts"])
                 self.patch_size = int(h5.attrs["patch_size"])
                 self.params = json.loads(h5.attrs["params"])
+                # slide -> patch regions left out because their pixels could not be decoded
+                self.damaged_regions = json.loads(h5.attrs.get("damaged_regions", "{}"))
                 self.labels = h5["label"][: int(h5.attrs["n_committed"])]
         except (OSError, KeyError) as exc:
             raise SlideStreamError(
