@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_backend_option", "add_slide_options", "error_line", "positive_float"]
+__all__ = [
+    "add_backend_option",
+    "add_slide_mpp_option",
+    "add_slide_options",
+    "damaged_lines",
+    "error_line",
+    "positive_float",
+]
 
 
 def positive_float(text: str) -> float:
@@ -35,6 +42,28 @@ def add_slide_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="microns per pixel of level 0, overriding (or supplying) the file's",
     )
+
+
+def add_slide_mpp_option(parser: argparse.ArgumentParser) -> None:
+    """``--slide-mpp``: the slides' level-0 µm/px (where ``--mpp`` means the output's)."""
+    parser.add_argument(
+        "--slide-mpp",
+        type=positive_float,
+        default=None,
+        metavar="UM",
+        help="µm per level-0 pixel of the slides, overriding the files' (a cohort CSV's mpp "
+        "column wins over it); for slides that carry none or a wrong one",
+    )
+
+
+def damaged_lines(command: str, damaged: dict[str, int], unit: str) -> None:
+    """One stderr line per slide with unreadable regions that were left out."""
+    for slide, n in sorted(damaged.items()):
+        print(
+            f"slidestream {command}: warning: {slide}: {n} {unit}{'s' if n != 1 else ''} "
+            f"with undecodable pixels left out",
+            file=sys.stderr,
+        )
 
 
 def error_line(command: str, message: str) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import (
+    add_backend_option,
+    add_slide_mpp_option,
+    damaged_lines,
+    error_line,
+    positive_float,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
     p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
     add_backend_option(p)
+    add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mpp is None:
             raise ConfigError("--mpp is required for slides (the µm per pixel of the patches)")
         cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
+        cohort = cohort.with_slide_mpp(args.slide_mpp)
         for problem in cohort.problems:
             error_line("patches", f"{problem} (left out)")
         if args.random is not None and args.labels == "annotations":
@@ -93,8 +101,14 @@ def run(args: argparse.Namespace) -> int:
         build.failures = cohort.problems + build.failures
     for failure in build.failures:
         error_line("patches", f"skipped {failure}")
+    damaged_lines("patches", build.damaged, "patch region")
     for name, path in build.files.items():
         print(f"{name}: {build.patches[name]} new patches -> {path}")
+    if build.damaged:
+        print(
+            f"{sum(build.damaged.values())} unreadable patch regions left out in "
+            f"{len(build.damaged)} slides (listed above and in the database's damaged_regions)"
+        )
     if build.skipped:
         print(f"{build.skipped} slides (or tile blocks) already in the database were skipped")
     return 1 if build.failures else 0

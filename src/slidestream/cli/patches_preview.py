@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import (
+    add_backend_option,
+    add_slide_mpp_option,
+    error_line,
+    positive_float,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Sample patches as training would and write DIR/patches.png "
         "(a grid labelled with slide, coordinates and label), "
         "DIR/<stem>.locations.png per slide (thumbnail with tissue "
-        "outline and sampled boxes) and DIR/patches.csv.",
+        "outline and sampled boxes; <stem> gets a short hash of the "
+        "path when two slides share a file name) and DIR/patches.csv "
+        "(slide path and its locations image per patch).",
     )
     p.add_argument("cohort", nargs="+", metavar="COHORT", help="cohort CSV/TSV, slides or folders")
     p.add_argument("--mpp", type=positive_float, required=True, help="µm per pixel of patches")
@@ -27,18 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--columns", type=int, default=8, help="grid columns (8)")
     add_backend_option(p)
-    p.add_argument(
-        "--slide-mpp",
-        type=positive_float,
-        default=None,
-        help="µm per level-0 pixel for slides that carry none (else the CSV's mpp)",
-    )
+    add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import csv
-    import dataclasses
     import math
 
     from PIL import Image
@@ -46,16 +47,18 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.data import PatchStream
     from slidestream.data.preview import patch_grid
     from slidestream.sampling import RandomPatchSampler, load_cohort
+    from slidestream.sampling.naming import output_stems
 
     source = args.cohort[0] if len(args.cohort) == 1 else args.cohort
     cohort = load_cohort(source)
     for problem in cohort.problems:
         error_line("patches-preview", f"{problem} (left out)")
+    cohort = _without_missing_mpp(cohort.with_slide_mpp(args.slide_mpp), args.backend)
     if not len(cohort):
         error_line("patches-preview", "no usable slides")
         return 1
-    if args.slide_mpp:
-        cohort.slides = [dataclasses.replace(e, mpp=e.mpp or args.slide_mpp) for e in cohort]
+    paths = [e.path for e in cohort]
+    stems = dict(zip(map(str, paths), output_stems(paths), strict=True))
     sampler = RandomPatchSampler(args.size, args.mpp, args.min_tissue, replacement=False)
     stream = PatchStream(
         cohort,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     items = [it for _, it in zip(range(args.n), stream, strict=False)]
     args.out.mkdir(parents=True, exist_ok=True)
     captions = [
-        f"{Path(i['slide']).stem[:18]}\n{i['x']},{i['y']}"
+        f"{stems[i['slide']][:18]}\n{i['x']},{i['y']}"
         + (f" {stream.classes[i['label']]}" if i["label"] >= 0 else "")
         for i in items
     ]
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     Image.fromarray(grid).save(args.out / "patches.png")
     with open(args.out / "patches.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slide", "x", "y", "mpp", "size", "label", "tissue_fraction"])
+        w.writerow(["slide", "x", "y", "mpp", "size", "label", "tissue_fraction", "locations"])
         for i in items:
             label = stream.classes[i["label"]] if i["label"] >= 0 else ""
             w.writerow(
@@ -92,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
                     args.size,
                     label,
                     f"{i['tissue_fraction']:.3f}",
+                    f"{stems[i['slide']]}.locations.png",
                 ]
             )
-    _draw_locations(items, stream, args)
+    _draw_locations(items, stream, args, stems)
     stats = stream.stats()
     print(
         f"{len(items)} patches from {len({i['slide'] for i in items})} slides "
@@ -103,7 +107,32 @@ def run(args: argparse.Namespace) -> int:
     return 1 if stats["slides_dropped"] or cohort.problems or not items else 0
 
 
-def _draw_locations(items: list[dict], stream, args: argparse.Namespace) -> None:
+def _without_missing_mpp(cohort, backend: str):
+    """The cohort less the slides with no mpp anywhere, each reported with the way to give it
+    (in this command ``--mpp`` is the patches' resolution, not the slide's)."""
+    from slidestream.errors import MissingMppError, SlideStreamError
+    from slidestream.io import open_slide
+    from slidestream.sampling.cohort import failure_message
+
+    missing = []
+    for entry in cohort:
+        if entry.mpp is None:
+            try:
+                with open_slide(entry.path, backend=backend) as slide:
+                    if slide.mpp is None:
+                        missing.append(entry.path)
+            except SlideStreamError:
+                continue  # the stream reports it
+    for path in missing:
+        msg = failure_message(path, MissingMppError())
+        error_line("patches-preview", f"{msg} (left out)")
+        cohort.problems.append(msg)
+    return cohort.without(missing)
+
+
+def _draw_locations(
+    items: list[dict], stream, args: argparse.Namespace, stems: dict[str, str]
+) -> None:
     from PIL import Image
 
     from slidestream.data.preview import draw_boxes
@@ -123,4 +152,4 @@ def _draw_locations(items: list[dict], stream, args: argparse.Namespace) -> None
             geo = stream.sampler.geometry(slide)
             boxes = [(i["x"], i["y"], *geo.size0) for i in its]
             img = draw_boxes(qc_overlay(thumb, mask), boxes, scale)
-        Image.fromarray(img).save(args.out / f"{Path(path).stem}.locations.png")
+        Image.fromarray(img).save(args.out / f"{stems[path]}.locations.png")

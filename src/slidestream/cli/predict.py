@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import (
+    add_backend_option,
+    add_slide_mpp_option,
+    damaged_lines,
+    error_line,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="predict slides with a checkpoint (heatmaps, GeoJSON)",
         description="Predict slides with a trained checkpoint; model settings "
         "(mpp, patch size, normalisation, classes) come from it. "
-        "Writes DIR/<slide>.tiles.csv, .heatmap.npy, .heatmap.png, "
-        ".geojson (QuPath 'Import objects') and DIR/predictions.csv. "
+        "Writes DIR/<stem>.tiles.csv, .heatmap.npy, .heatmap.png, "
+        ".geojson (QuPath 'Import objects') and DIR/predictions.csv "
+        "(slide path, output stem, call, ...; <stem> is the file's "
+        "stem, plus a short hash of its path when two slides share "
+        "a file name). Tiles that cannot be decoded are left out "
+        "and counted (damaged_tiles). "
         "Under torchrun each rank predicts its share of the slides.",
     )
     p.add_argument("checkpoint", type=Path)
@@ -31,12 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-tissue", type=float, default=0.25)
     p.add_argument("--device", default="auto")
     add_backend_option(p)
-    p.add_argument(
-        "--slide-mpp",
-        type=positive_float,
-        default=None,
-        help="µm per level-0 pixel for slides that carry none",
-    )
+    add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
@@ -51,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.infer.saliency import StreamingPredictor
     from slidestream.models.checkpoint import load_checkpoint
     from slidestream.sampling import load_cohort
+    from slidestream.sampling.cohort import failure_message
+    from slidestream.sampling.naming import output_stems
 
     cohort = load_cohort(args.slides[0] if len(args.slides) == 1 else args.slides)
     for problem in cohort.problems:
         error_line("predict", f"{problem} (skipped)")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
     entries = cohort.slides[rank::world]
     kind = load_checkpoint(args.checkpoint)["kind"]
     if kind == "streaming":
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         )
         extra = {"aggregate_by": args.aggregate, "topk": args.topk, "geojson": args.geojson}
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, failed = [], len(cohort.problems)
+    rows, failed, damaged = [], len(cohort.problems), {}
     for entry in tqdm(entries, desc="predict", unit="slide", disable=rank != 0):
         try:
             res = predictor.predict(
@@ -81,19 +88,25 @@ def run(args: argparse.Namespace) -> int:
                 slide_mpp=entry.mpp or args.slide_mpp,
                 threshold=args.threshold,
                 target=args.target,
+                stem=stems[entry],
                 **extra,
             )
         except SlideStreamError as exc:
-            error_line("predict", f"{entry.path}: {exc} (skipped)")
+            error_line("predict", f"{failure_message(entry.path, exc)} (skipped)")
             failed += 1
             continue
+        if res.damaged:
+            damaged[res.slide] = res.damaged
+        probs = [f"{p:.5f}" for p in res.probs]
         rows.append(
-            [res.slide, entry.label or "", res.call, res.tiles, *[f"{p:.5f}" for p in res.probs]]
+            [res.slide, res.stem, entry.label or "", res.call, res.tiles, res.damaged, *probs]
         )
+    damaged_lines("predict", damaged, "tile")
     name = "predictions.csv" if world == 1 else f"predictions.rank{rank}.csv"
     with open(args.out / name, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slide", "label", "call", "tiles", *[f"p_{c}" for c in predictor.classes]])
+        head = ["slide", "stem", "label", "call", "tiles", "damaged_tiles"]
+        w.writerow([*head, *[f"p_{c}" for c in predictor.classes]])
         w.writerows(rows)
     if world > 1:
         _merge_ranks(args.out, rank, world)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import (
+    add_backend_option,
+    add_slide_mpp_option,
+    damaged_lines,
+    error_line,
+    positive_float,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,18 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each slide, read the tissue region at --mpp, crop to "
         "the tissue bounding box, remove empty rows/columns between "
         "pieces, and write DIR/<stem>.tiff (tiled pyramid), its "
-        "tissue mask and thumbnail, and DIR/prepared.csv. Finished "
-        "slides are skipped on re-runs; failures are listed.",
+        "tissue mask and thumbnail, and DIR/prepared.csv (with each "
+        "output's source path; <stem> gets a short hash of the path "
+        "when two slides share a file name). Finished slides are "
+        "skipped on re-runs; failures are listed. Regions with "
+        "undecodable pixels are left white and counted.",
     )
     p.add_argument("cohort", nargs="+", metavar="COHORT", help="cohort CSV/TSV or slides")
     p.add_argument("--mpp", type=positive_float, required=True, help="target µm per pixel")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--workers", type=int, default=2, help="parallel processes (2)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="parallel processes (2; 1 runs in this process)"
+    )
     p.add_argument(
         "--keep-empty", action="store_true", help="keep empty rows/columns between tissue pieces"
     )
     p.add_argument("--margin-um", type=float, default=64.0, help="margin around tissue (64 µm)")
     add_backend_option(p)
+    add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
@@ -35,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.sampling import load_cohort
 
     cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
+    cohort = cohort.with_slide_mpp(args.slide_mpp)
     result = prepare_cohort(
         cohort,
         args.out,
@@ -46,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
     )
     for failure in result.failures:
         error_line("prepare", f"failed: {failure}")
+    damaged_lines("prepare", result.damaged, "region")
+    note = (
+        f", {len(result.damaged)} with unreadable regions left white (damaged_regions column)"
+        if result.damaged
+        else ""
+    )
     print(
         f"{len(result.rows)} slides prepared ({result.skipped} already done), "
-        f"{len(result.failures)} failed -> {args.out / 'prepared.csv'}"
+        f"{len(result.failures)} failed{note} -> {args.out / 'prepared.csv'}"
     )
     return 1 if result.failures else 0

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slidestream.io import find_slides
     from slidestream.parallel import process_pool
+    from slidestream.sampling.naming import output_stems
 
     slides = find_slides(args.paths, recursive=args.recursive)
     if not slides:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 "qc_size": args.qc_size,
             },
         )
-        for p, stem in zip(slides, _unique_stems(slides), strict=True)
+        for p, stem in zip(slides, output_stems(slides), strict=True)
     ]
     bar = tqdm(total=len(jobs), desc="tissue", unit="slide")
     rows = []
@@ -100,16 +101,6 @@ def _report(row: dict[str, Any], bar: Any) -> dict[str, Any]:
         error_line("tissue", row["error"])
     bar.update(1)
     return row
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
-    stems = []
-    for p in paths:
-        n = seen.get(p.stem, 0)
-        seen[p.stem] = n + 1
-        stems.append(p.stem if n == 0 else f"{p.stem}_{n + 1}")
-    return stems
 
 
 def _print_summary(rows: list[dict[str, Any]], out: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from slidestream.data.hdf5 import PatchDatabaseWriter
-from slidestream.errors import ConfigError, SlideStreamError
+from slidestream.errors import ConfigError, SlideReadError, SlideStreamError
 from slidestream.io import open_slide
+from slidestream.parallel import exclusive_lock
 from slidestream.sampling import (
     Cohort,
     PatchSampler,
@@ -22,6 +25,7 @@ from slidestream.sampling import (
     load_annotations,
     split_by_patient,
 )
+from slidestream.sampling.cohort import failure_message
 from slidestream.tissue import TissueMask, detect_tissue
 
 __all__ = ["DatabaseBuild", "build_patch_databases", "tile_folder_entries"]
@@ -33,12 +37,14 @@ _TILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 @dataclass
 class DatabaseBuild:
-    """What a build wrote: file per split, patches per split, and the slides that failed."""
+    """What a build wrote: file per split, patches per split, the slides that failed, and per
+    slide the number of patch regions left out because their pixels could not be decoded."""
 
     files: dict[str, Path] = field(default_factory=dict)
     patches: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     skipped: int = 0
+    damaged: dict[str, int] = field(default_factory=dict)
 
 
 def split_paths(out: str | os.PathLike[str], splits: list[str]) -> dict[str, Path]:
@@ -70,6 +76,8 @@ def build_patch_databases(
     ``labels`` is ``"slide"`` (the cohort's label column) or ``"annotations"`` (the class of the
     GeoJSON polygon containing each patch's centre; patches outside every polygon are left out).
     ``per_slide`` caps the patches per slide (required for endless random samplers).
+    Slides are committed one by one, crash-safely (:mod:`slidestream.data.hdf5_writer`); a
+    patch whose pixels cannot be decoded is left out and counted in ``DatabaseBuild.damaged``.
     """
     from tqdm import tqdm
 
@@ -87,33 +95,51 @@ def build_patch_databases(
         "tissue": tissue,
     }
     build = DatabaseBuild(files=split_paths(out, list(groups)))
-    order = {s.path: i for i, s in enumerate(cohort.slides)}
+    args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir)
     bar = tqdm(total=len(cohort), desc="patches", unit="slide", disable=not progress)
-    for name, entries in groups.items():
-        writer = PatchDatabaseWriter(
-            build.files[name], sampler.size, classes, name, compression, level, params, seed
-        )
-        build.patches[name] = 0
-        try:
-            for entry in entries:
-                key = str(entry.path)
-                bar.update(1)
-                if key in writer.completed:
-                    build.skipped += 1
-                    continue
-                rng = np.random.default_rng([seed, order[entry.path]])
-                try:
-                    patches = _slide_patches(
-                        entry, sampler, classes, labels, per_slide, rng, backend, tissue, mask_dir
-                    )
-                    build.patches[name] += writer.add_slide(key, entry.patient_id, patches)
-                except SlideStreamError as exc:
-                    build.failures.append(f"{entry.path}: {' '.join(str(exc).split())}")
-                    log.info("skipping %s: %s", entry.path, exc)
-        finally:
-            writer.close()
+    with contextlib.ExitStack() as stack:
+        if len(groups) > 1:  # one writer of the whole set of split files at a time
+            stack.enter_context(exclusive_lock(out, "slidestream patches"))
+        for name, entries in groups.items():
+            writer = PatchDatabaseWriter(
+                build.files[name], sampler.size, classes, name, compression, level, params, seed
+            )
+            build.patches[name] = 0
+            try:
+                _write_group(writer, entries, cohort, build, name, bar, seed, args)
+            finally:
+                writer.close()
     bar.close()
     return build
+
+
+def _write_group(
+    writer: PatchDatabaseWriter,
+    entries: list[SlideEntry],
+    cohort: Cohort,
+    build: DatabaseBuild,
+    name: str,
+    bar: Any,
+    seed: int,
+    args: tuple[Any, ...],
+) -> None:
+    order = {s.path: i for i, s in enumerate(cohort.slides)}
+    for entry in entries:
+        key = str(entry.path)
+        bar.update(1)
+        if key in writer.completed:
+            build.skipped += 1
+            continue
+        rng = np.random.default_rng([seed, order[entry.path]])
+        damaged: Counter[str] = Counter()
+        try:
+            patches = _slide_patches(entry, *args, rng, damaged)
+            build.patches[name] += writer.add_slide(key, entry.patient_id, patches, damaged)
+        except SlideStreamError as exc:
+            build.failures.append(failure_message(entry.path, exc))
+            log.info("skipping %s: %s", entry.path, exc)
+        if damaged[key]:
+            build.damaged[key] = damaged[key]
 
 
 def _classes(cohort: Cohort, labels: str) -> list[str]:
@@ -135,11 +161,14 @@ def _slide_patches(
     classes: list[str],
     labels: str,
     per_slide: int | None,
-    rng: np.random.Generator,
     backend: str,
     tissue: str,
     mask_dir: Any,
+    rng: np.random.Generator,
+    damaged: Counter[str],
 ) -> Iterator[tuple[np.ndarray, int, int, int, float]]:
+    """Patches of one slide; a patch whose pixels cannot be decoded is left out and counted in
+    ``damaged[str(entry.path)]``."""
     slide = open_slide(entry.path, backend=backend, mpp=entry.mpp)
     mask = detect_tissue(slide, tissue, cache_dir=mask_dir)
     mpp = float(sampler.mpp or (slide.mpp or (np.nan,))[0])
@@ -165,9 +194,15 @@ def _slide_patches(
             )
             if name is None:
                 continue
+        try:
+            pixels = sampler.read(slide, loc)
+        except SlideReadError as exc:
+            damaged[str(entry.path)] += 1
+            log.info("%s: patch at (%d, %d) left out: %s", entry.path, loc.x, loc.y, exc)
+            continue
         count += 1
         yield (
-            sampler.read(slide, loc),
+            pixels,
             classes.index(name) if name in classes else -1,
             loc.x,
             loc.y,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slidestream.data.functional import normalize, resolve_device
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, SlideReadError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
 from slidestream.infer.heatmap import heatmap_overlay
 from slidestream.io import Slide, open_slide
@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SlidePrediction:
-    """Slide-level result: the call, class probabilities and how many tiles voted."""
+    """Slide-level result: the call, class probabilities, how many tiles voted, how many tiles
+    were left out because their pixels could not be decoded, and the outputs' file stem."""
 
     slide: str
     call: str
     probs: list[float]
     tiles: int
+    damaged: int = 0
+    stem: str = ""
 
 
 class _Tiles(Dataset):
@@ -47,10 +50,16 @@ class _Tiles(Dataset):
     def __len__(self) -> int:
         return len(self.xy)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        """The tile as (3, H, W) uint8, and False (with a white tile) if it cannot be decoded."""
         x, y = (int(v) for v in self.xy[i])
-        pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        try:
+            pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
+        except SlideReadError as exc:
+            log.info("%s: tile at (%d, %d) left out: %s", self.slide.path, x, y, exc)
+            size = self.sampler.size
+            return torch.full((3, size, size), 255, dtype=torch.uint8), False
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), True
 
 
 def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.ndarray:
@@ -98,6 +107,8 @@ class PatchPredictor:
 
     @torch.no_grad()
     def tile_probs(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) of the tiles at ``xy``; NaN rows for tiles whose pixels
+        cannot be decoded."""
         loader = DataLoader(
             _Tiles(slide, sampler, xy),
             batch_size=self.batch_size,
@@ -105,10 +116,13 @@ class PatchPredictor:
             pin_memory=self.device.type == "cuda",
         )
         out = []
-        for batch in loader:
-            kw = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v}
-            logits = self.model(normalize(batch, device=self.device, **kw))
-            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        kw = {k: v for k, v in (("mean", self.mean), ("std", self.std)) if v}
+        for batch, ok in loader:
+            probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
+            if ok.any():
+                logits = self.model(normalize(batch[ok], device=self.device, **kw))
+                probs[ok.numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
+            out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(
@@ -123,8 +137,11 @@ class PatchPredictor:
         threshold: float = 0.5,
         geojson: str = "contours",
         target: str | None = None,
+        stem: str | None = None,
     ) -> SlidePrediction:
-        """Predict one slide and write its tiles CSV, heatmap NPY/PNG and GeoJSON."""
+        """Predict one slide and write ``<stem>.tiles.csv``, ``.heatmap.npy``/``.png`` and
+        ``.geojson`` (``stem``: the slide's file stem unless given). Tiles whose pixels cannot
+        be decoded are left out (NaN in the heatmap) and counted in ``damaged``."""
         from PIL import Image
 
         out = Path(out_dir)
@@ -135,7 +152,10 @@ class PatchPredictor:
         locs = sampler.locations(slide, mask)
         xy, tissue = locs[:, :2].astype(np.int64), locs[:, 2]
         probs = self.tile_probs(slide, sampler, xy)
-        stem, size0 = Path(path).stem, sampler.geometry(slide).size0
+        read = np.isfinite(probs).all(1)
+        damaged = int((~read).sum())
+        xy, tissue, probs = xy[read], tissue[read], probs[read]
+        stem, size0 = stem or Path(path).stem, sampler.geometry(slide).size0
         write_tiles_csv(out / f"{stem}.tiles.csv", xy, size0, tissue, probs, self.classes)
         k = self._target_index(target)
         grid = self._grid(slide, sampler, xy, probs)
@@ -156,7 +176,9 @@ class PatchPredictor:
         write_geojson(collection, out / f"{stem}.geojson")
         slide_probs = aggregate(probs, aggregate_by, topk)
         call = self.classes[int(np.nanargmax(slide_probs))] if len(probs) else "no tissue"
-        return SlidePrediction(str(path), call, [float(p) for p in slide_probs], len(probs))
+        return SlidePrediction(
+            str(path), call, [float(p) for p in slide_probs], len(probs), damaged, stem
+        )
 
     def _target_index(self, target: str | None) -> int:
         if target is None:

@@ -4,22 +4,32 @@
 prediction tables (``predictions.csv`` with ``slide``/``label`` columns) and per-slide pictures
 (``<stem>.qc.png`` tissue overlays, ``<stem>.heatmap.png``), copies the pictures into
 ``DIR/report/`` and writes ``DIR/report/index.html``, which opens without a server.
+
+Every text and attribute value is HTML-escaped and every file name in a ``src`` is URL-quoted,
+so slide and folder names with quotes, ``<``, ``&``, ``#``, ``?``, spaces or any Unicode show as
+text and their pictures still load. Pictures are copied under names made unique by a hash of their
+source path, and a prediction's heatmap is taken from the folder of its ``predictions.csv``
+(through its ``stem`` column), so slides that share a file name do not swap pictures.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+from slidestream.sampling.naming import path_hash
 
 __all__ = ["held_out_metrics", "write_report"]
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(path.read_text().splitlines()))
+    return list(csv.DictReader(path.read_text(encoding="utf-8", errors="replace").splitlines()))
 
 
 def held_out_metrics(pred_csv: Path) -> dict[str, Any]:
@@ -39,10 +49,17 @@ def held_out_metrics(pred_csv: Path) -> dict[str, Any]:
     return {"slides": len(rows), "auc": auc, "accuracy": acc, "positive": positive[2:]}
 
 
-def _copy(src: Path, dst_dir: Path, name: str) -> str:
+def _copy(src: Path, dst_dir: Path) -> str:
+    """Copy ``src`` into ``dst_dir`` under a unique name; its relative URL, quoted."""
+    name = f"{path_hash(src)}-{src.name}"
     dst_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst_dir / name)
-    return f"img/{name}"
+    return "img/" + quote(name)
+
+
+def _img(src: Path, dst_dir: Path, alt: str) -> str:
+    url = _copy(src, dst_dir)
+    return f'<img src="{html.escape(url)}" alt="{html.escape(alt)}">'
 
 
 def _fmt(v: Any) -> str:
@@ -89,7 +106,7 @@ def write_report(root: str | Path, title: str = "slidestream report") -> Path:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     )
-    (out / "index.html").write_text(page)
+    (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
 
 
@@ -105,8 +122,7 @@ def _run_section(root: Path, run: Path, img: Path) -> str:
             parts.append(f"<tr>{cells}</tr>")
         parts.append("</table>")
     if (run / "curves.png").exists():
-        src = _copy(run / "curves.png", img, f"{str(name).replace('/', '_')}_curves.png")
-        parts.append(f"<p><img src='{src}' alt='training curves of {html.escape(str(name))}'></p>")
+        parts.append(f"<p>{_img(run / 'curves.png', img, f'training curves of {name}')}</p>")
     return "".join(parts)
 
 
@@ -121,35 +137,80 @@ def _num(text: str) -> Any:
 
 def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
     calls: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    heatmaps: dict[str, Path] = {}
     for p in preds:
         for r in _read_csv(p):
-            stem = Path(r["slide"]).stem
-            probs = {k[2:]: float(v) for k, v in r.items() if k.startswith("p_") and v}
-            call = r.get("call") or (max(probs, key=probs.get) if probs else "?")
-            ok = "ok" if call == r.get("label") else "bad"
-            detail = ", ".join(f"{k} {v:.2f}" for k, v in probs.items())
-            calls.setdefault(stem, []).append(
-                f"<b>{html.escape(p.parent.name)}</b>: <span class='{ok}'>{html.escape(call)}</span>"
-                f" ({html.escape(detail)}); truth {html.escape(r.get('label') or '?')}"
-            )
+            slide = r.get("slide") or "?"
+            stem = r.get("stem") or Path(slide).stem
+            names.setdefault(slide, stem)
+            if slide not in heatmaps and (p.parent / f"{stem}.heatmap.png").is_file():
+                heatmaps[slide] = p.parent / f"{stem}.heatmap.png"
+            calls.setdefault(slide, []).append(_call(p, r))
     if not calls:
         return ""
+    qc = {q.name: q for q in sorted(root.rglob("*.qc.png")) if img not in q.parents}
+    qc_of = _qc_by_source(root, img)
     parts = [
         "<h2>Held-out slides</h2><div class='slides'><b>tissue</b><b>heatmap</b>"
         "<b>prediction vs truth</b>"
     ]
-    for stem in sorted(calls):
-        pics = []
-        for suffix in (".qc.png", ".heatmap.png"):
-            found = next((p for p in root.rglob(f"{stem}{suffix}") if img not in p.parents), None)
-            pics.append(
-                f"<img src='{_copy(found, img, found.name)}' alt='{stem}{suffix}'>"
-                if found
-                else "<i>none</i>"
-            )
+    for slide in sorted(calls):
+        stem = names[slide]
+        found = [
+            qc_of.get(_resolved(slide))
+            or qc.get(f"{stem}.qc.png")
+            or qc.get(f"{Path(slide).stem}.qc.png")
+        ]
+        found.append(heatmaps.get(slide))
+        pics = [
+            _img(f, img, f"{stem}{suffix}") if f else "<i>none</i>"
+            for f, suffix in zip(found, (".qc.png", ".heatmap.png"), strict=True)
+        ]
         parts.append(
             f"<div>{pics[0]}<br>{html.escape(stem)}</div><div>{pics[1]}</div>"
-            f"<div>{'<br>'.join(calls[stem])}</div>"
+            f"<div>{'<br>'.join(calls[slide])}</div>"
         )
     parts.append("</div>")
     return "".join(parts)
+
+
+def _resolved(path: str) -> str:
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        return path
+
+
+def _qc_by_source(root: Path, img: Path) -> dict[str, Path]:
+    """QC overlays of ``slidestream tissue`` keyed by their slide (from ``<stem>.tissue.json``)."""
+    found = {}
+    for meta in sorted(root.rglob("*.tissue.json")):
+        png = meta.with_name(meta.name[: -len(".tissue.json")] + ".qc.png")
+        if img in meta.parents or not png.is_file():
+            continue
+        try:
+            slide = json.loads(meta.read_text(encoding="utf-8")).get("slide")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(slide, str):
+            found.setdefault(_resolved(slide), png)
+    return found
+
+
+def _call(pred_csv: Path, r: dict[str, str]) -> str:
+    probs = {k[2:]: _float(v) for k, v in r.items() if k and k.startswith("p_") and v}
+    call = r.get("call") or (max(probs, key=probs.get) if probs else "?")
+    ok = "ok" if call == r.get("label") else "bad"
+    detail = ", ".join(f"{k} {v:.2f}" for k, v in probs.items())
+    return (
+        f"<b>{html.escape(pred_csv.parent.name)}</b>: <span class='{ok}'>{html.escape(call)}"
+        f"</span> ({html.escape(detail)}); truth {html.escape(r.get('label') or '?')}"
+    )
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan

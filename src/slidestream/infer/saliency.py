@@ -74,7 +74,10 @@ class StreamingPredictor:
         slide_mpp: float | None = None,
         threshold: float = 0.5,
         target: str | None = None,
+        stem: str | None = None,
     ) -> SlidePrediction:
+        """Predict one slide; outputs are named ``<stem>.*`` (the slide's file stem unless
+        given)."""
         from PIL import Image
         from scipy import ndimage
 
@@ -96,7 +99,7 @@ class StreamingPredictor:
         grid = np.where(pixels[: h // d * d : d, : w // d * d : d].min(-1) < 250, grid, np.nan)
         peak = np.nanmax(grid) if np.isfinite(grid).any() else 0.0
         grid = grid / peak if peak > 0 else grid
-        stem = Path(path).stem
+        stem = stem or Path(path).stem
         np.save(out / f"{stem}.heatmap.npy", grid.astype(np.float32)[None])
         with open_slide(path, backend=backend, mpp=slide_mpp) as slide:
             thumb = slide.thumbnail(1024)
@@ -110,7 +113,7 @@ class StreamingPredictor:
             out / f"{stem}.geojson",
         )
         call = self.classes[k] if self.cfg.task != "regression" else f"{float(probs[0]):.4g}"
-        return SlidePrediction(str(path), call, [float(p) for p in probs], 1)
+        return SlidePrediction(str(path), call, [float(p) for p in probs], 1, 0, stem)
 
     def _target(self, target: str | None, probs: np.ndarray) -> int:
         if target is None or self.cfg.task == "regression":

@@ -41,7 +41,7 @@ def _polygons(geojson: dict[str, Any] | None) -> dict[str, list]:
     for feat in (geojson or {}).get("features", []):
         geom = feat.get("geometry") or {}
         parts = {"Polygon": [geom.get("coordinates")], "MultiPolygon": geom.get("coordinates")}
-        for poly in parts.get(geom.get("type"), None) or []:
+        for poly in parts.get(geom.get("type")) or []:
             if not poly:
                 continue
             xs.append([[[float(p[0]) for p in ring] for ring in poly]])
@@ -114,7 +114,7 @@ def write_viewer(
             global_alpha=0.5,
             name="heatmap",
         )
-        palette = ["#%02x%02x%02x" % tuple(c) for c in colormap(np.linspace(0, 1, 256))]
+        palette = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in colormap(np.linspace(0, 1, 256))]
         bar = ColorBar(
             color_mapper=LinearColorMapper(palette=palette, low=0, high=1),
             title=heat_label,

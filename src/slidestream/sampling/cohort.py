@@ -4,22 +4,30 @@ A cohort comes from a CSV/TSV with a ``slide`` column (path, relative to the CSV
 optional ``label``, ``patient``, ``mpp``, ``split`` and ``annotations`` (GeoJSON path) columns, or
 from a list of paths, folders and globs. Rows that point to missing files or carry bad values are
 reported with their line number and left out; nothing else stops.
+
+Line numbers are physical lines of the file (header = line 1; blank lines and line breaks inside
+quoted values count). The file should be UTF-8 (a BOM, CRLF line ends and UTF-16 with a BOM are
+accepted); a line with bytes that are not UTF-8 is reported and left out, the rest is read. Values
+are stripped of surrounding spaces. Labels that differ only in case (``Normal`` and ``normal``)
+stay distinct classes, but each such pair is reported as a warning naming both spellings and
+their lines, since it is almost always a typo.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, MissingMppError
 from slidestream.io import SLIDE_SUFFIXES, find_slides
 from slidestream.io.base import plausible_mpp
 
-__all__ = ["SlideEntry", "Cohort", "load_cohort"]
+__all__ = ["SlideEntry", "Cohort", "failure_message", "load_cohort"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,7 @@ class Cohort:
     slides: list[SlideEntry]
     problems: list[str] = field(default_factory=list)
     source: str = ""
+    warnings: list[str] = field(default_factory=list)  # kept in, but probably a mistake
 
     def __len__(self) -> int:
         return len(self.slides)
@@ -74,6 +83,13 @@ class Cohort:
     def split(self, name: str) -> Cohort:
         """The slides whose ``split`` column equals ``name``."""
         return Cohort([s for s in self.slides if s.split == name], [], f"{self.source}[{name}]")
+
+    def with_slide_mpp(self, mpp: float | None) -> Cohort:
+        """Every slide without an ``mpp`` in the cohort gets ``mpp`` (µm per level-0 pixel,
+        overriding the file's); a slide's own ``mpp`` column value wins."""
+        if mpp is None:
+            return self
+        return replace(self, slides=[replace(s, mpp=s.mpp or mpp) for s in self.slides])
 
     def without(self, paths: Iterable[Path]) -> Cohort:
         drop = set(paths)
@@ -111,24 +127,111 @@ def _from_paths(items: Sequence[str | os.PathLike[str]]) -> Cohort:
 def _from_table(path: Path) -> Cohort:
     if not path.is_file():
         raise ConfigError(f"cohort file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text.splitlines()[0] else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    text, problems = _decode(path)
+    records = _records(text, path)
+    if not records:
+        raise ConfigError(
+            f"{path} is empty; the first line must name the columns, e.g. slide,label"
+        )
+    header_line, cells = records[0]
+    header = [h.strip().lower() for h in cells]
     if "slide" not in header:
         raise ConfigError(
-            f"{path} has no 'slide' column (columns: {header}); the first line must "
-            f"name the columns, e.g. slide,label,patient"
+            f"{path} has no 'slide' column (columns: {header}, line {header_line}); the first "
+            f"line must name the columns, e.g. slide,label,patient"
         )
-    slides, problems = [], []
-    for line, raw in enumerate(reader, start=2):
-        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+    slides = []
+    for line, values in records[1:]:
+        row = {k: v.strip() for k, v in zip(header, values, strict=False) if k}
         entry, problem = _entry(row, line, path)
         if problem:
             problems.append(f"{path.name} line {line}: {problem}")
         elif entry is not None:
             slides.append(entry)
-    return _finish(Cohort(slides, problems, str(path)))
+    problems.sort(key=_line_of)
+    cohort = Cohort(slides, problems, str(path))
+    cohort.warnings += _label_case_warnings(slides, path.name)
+    return _finish(cohort)
+
+
+def _decode(path: Path) -> tuple[str, list[str]]:
+    """The file as text, with each line that is not UTF-8 blanked (and reported): line numbers
+    stay those of the file."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with BOM ("Unicode text")
+        try:
+            return raw.decode("utf-16").lstrip("\ufeff"), []
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not valid UTF-16 ({exc.reason}); save it as UTF-8"
+            ) from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    lines, problems = [], []
+    for n, line in enumerate(raw.splitlines(keepends=True), start=1):
+        body = line.rstrip(b"\r\n")
+        try:
+            if b"\x00" in body:
+                raise UnicodeDecodeError("utf-8", body, body.index(b"\x00"), 0, "NUL byte")
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            lines.append(line[len(body) :].decode("ascii"))
+            problems.append(
+                f"{path.name} line {n}: byte 0x{body[exc.start]:02x} at column {exc.start + 1} "
+                f"is not UTF-8 text; save the file as UTF-8"
+            )
+    return "".join(lines), problems
+
+
+def _records(text: str, path: Path) -> list[tuple[int, list[str]]]:
+    """Non-blank CSV/TSV records with the physical line each starts on."""
+    first = next((ln for ln in io.StringIO(text, newline="") if ln.strip()), "")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in first else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    records, end = [], 0
+    try:
+        for cells in reader:
+            start, end = end + 1, reader.line_num
+            if any(c.strip() for c in cells):
+                records.append((start, cells))
+    except csv.Error as exc:
+        raise ConfigError(f"{path} line {reader.line_num}: {exc}; fix the quoting there") from None
+    return records
+
+
+def _line_of(problem: str) -> int:
+    head = problem.split(": ", 1)[0].rsplit(" line ", 1)[-1]
+    return int(head) if head.isdigit() else 0
+
+
+def _label_case_warnings(slides: list[SlideEntry], name: str) -> list[str]:
+    lines: dict[str, dict[str, list[int]]] = {}
+    for s in slides:
+        if s.label is not None:
+            spelled = lines.setdefault(s.label.casefold(), {})
+            spelled.setdefault(s.label, []).append(s.line or 0)
+    out = []
+    for spelled in lines.values():
+        if len(spelled) > 1:
+            where = " and ".join(
+                f"{label!r} (line{'s' if len(ln) > 1 else ''} "
+                f"{', '.join(map(str, ln[:3]))}{', ...' if len(ln) > 3 else ''})"
+                for label, ln in sorted(spelled.items())
+            )
+            out.append(
+                f"{name}: labels {where} differ only in case and count as different classes; "
+                f"spell them the same if they are one class"
+            )
+    return out
+
+
+def failure_message(path: str | os.PathLike[str], exc: Exception) -> str:
+    """One line for a slide that failed, with the way to give a missing slide mpp."""
+    if isinstance(exc, MissingMppError):
+        return (
+            f"{path}: no microns-per-pixel in the file; give it with --slide-mpp (all slides) "
+            f"or an mpp column in the cohort CSV"
+        )
+    return f"{path}: {' '.join(str(exc).split())}"
 
 
 def _entry(row: dict[str, str], line: int, csv_path: Path) -> tuple[SlideEntry | None, str]:
@@ -174,4 +277,6 @@ def _finish(cohort: Cohort) -> Cohort:
     cohort.slides = unique
     for problem in cohort.problems:
         log.warning("cohort %s: %s (left out)", cohort.source, problem)
+    for warning in cohort.warnings:
+        log.warning("cohort %s", warning)
     return cohort
