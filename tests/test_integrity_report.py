@@ -42,8 +42,20 @@ ALLOWED = {
     "i",
     "span",
     "img",
+    "a",
+    "ul",
+    "li",
+    "figure",
+    "figcaption",
+    "small",
 }
-ATTRS = {"img": {"src", "alt"}, "span": {"class"}, "div": {"class"}, "meta": {"charset"}}
+ATTRS = {
+    "a": {"href"},
+    "img": {"src", "alt"},
+    "span": {"class"},
+    "div": {"class"},
+    "meta": {"charset"},
+}
 
 
 class _Collect(HTMLParser):
@@ -76,6 +88,7 @@ def test_hostile_names_are_text_and_pictures_resolve(tmp_path):
     for i, name in enumerate(HOSTILE):
         stem = f"{name}-{i}" if i == 0 else name
         _png(pred / f"{stem}.heatmap.png", 20 + i)
+        (pred / f"{stem}.viewer.html").write_text(f"<html>{i}</html>")
         _png(root / "tissue" / f"{stem}.qc.png", 100 + i)
         rows.append([f"/data/case{i}/{name}.tiff", stem, "tumour", "normal", 0.2, 0.8])
     with open(pred / "predictions.csv", "w", newline="", encoding="utf-8") as f:
@@ -90,8 +103,14 @@ def test_hostile_names_are_text_and_pictures_resolve(tmp_path):
     assert set(tags) <= ALLOWED and "script" not in tags
     for tag, attrs in parser.tags:
         assert set(attrs) <= ATTRS.get(tag, set()), (tag, attrs)
-    imgs = [a for t, a in parser.tags if t == "img"]
+    charts = [a for t, a in parser.tags if t == "img" and a["alt"].startswith(("ROC", "conf"))]
+    imgs = [a for t, a in parser.tags if t == "img" and a not in charts]
+    assert len(charts) == 1  # confusion of the labelled rows (one class: no ROC)
     assert len(imgs) == 1 + 2 * len(HOSTILE)  # curves + (qc, heatmap) per slide
+    links = [a["href"] for t, a in parser.tags if t == "a"]
+    assert len(links) == len(HOSTILE)  # one viewer per slide, each its own page
+    pages = {(index.parent / unquote(urlsplit(h).path)).read_text() for h in links}
+    assert len(pages) == len(HOSTILE)
     copied = []
     for a in imgs:
         url = urlsplit(a["src"])
@@ -127,6 +146,6 @@ def test_slides_with_one_name_keep_their_own_pictures(tmp_path):
     values = [
         int(np.asarray(Image.open(index.parent / unquote(a["src"])))[0, 0, 0])
         for t, a in parser.tags
-        if t == "img"
+        if t == "img" and not a["alt"].startswith(("ROC", "conf"))
     ]
     assert values == [150, 50, 151, 51]  # (qc, heatmap) of case1, then of case2

@@ -88,7 +88,8 @@ def roc_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Any:
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("ROC")
-    ax.legend(loc="lower right", fontsize=9)
+    if ax.get_lines()[:-1]:
+        ax.legend(loc="lower right", fontsize=9)
     ax.grid(alpha=0.3)
     return fig
 
@@ -106,7 +107,8 @@ def pr_figure(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> Any:
         ax.plot(rec, prec, label=f"{name} (AP {average_precision_score(truth, score):.3f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title("precision–recall")
-    ax.legend(loc="lower left", fontsize=9)
+    if ax.get_lines():
+        ax.legend(loc="lower left", fontsize=9)
     ax.grid(alpha=0.3)
     return fig
 

@@ -17,6 +17,7 @@ from slidestream.data.functional import normalize, resolve_device
 from slidestream.errors import ConfigError, SlideReadError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
 from slidestream.infer.heatmap import heatmap_overlay
+from slidestream.infer.viewer import write_viewer
 from slidestream.io import Slide, open_slide
 from slidestream.models.checkpoint import load_checkpoint
 from slidestream.models.classifiers import create_classifier
@@ -139,8 +140,9 @@ class PatchPredictor:
         target: str | None = None,
         stem: str | None = None,
     ) -> SlidePrediction:
-        """Predict one slide and write ``<stem>.tiles.csv``, ``.heatmap.npy``/``.png`` and
-        ``.geojson`` (``stem``: the slide's file stem unless given). Tiles whose pixels cannot
+        """Predict one slide and write ``<stem>.tiles.csv``, ``.heatmap.npy``/``.png``,
+        ``.geojson`` and ``.viewer.html`` (zoomable page: slide, heatmap, contours) (``stem``:
+        the slide's file stem unless given). Tiles whose pixels cannot
         be decoded are left out (NaN in the heatmap) and counted in ``damaged``."""
         from PIL import Image
 
@@ -174,6 +176,17 @@ class PatchPredictor:
             else contours_geojson(grid[k], (0.0, 0.0, *step), self.classes[k], k, threshold)
         )
         write_geojson(collection, out / f"{stem}.geojson")
+        side = min(4096, max(1024, 4 * max(rows, cols)))
+        write_viewer(
+            out / f"{stem}.viewer.html",
+            thumb if side == 1024 else slide.thumbnail(side),
+            (w0, h0),
+            grid[k],
+            step,
+            collection,
+            title=f"{stem}: p({self.classes[k]})",
+            heat_label=f"p({self.classes[k]})",
+        )
         slide_probs = aggregate(probs, aggregate_by, topk)
         call = self.classes[int(np.nanargmax(slide_probs))] if len(probs) else "no tissue"
         return SlidePrediction(

@@ -33,20 +33,29 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def held_out_metrics(pred_csv: Path) -> dict[str, Any]:
-    """AUC (tumour/positive class vs rest) and accuracy of a predictions table with labels."""
+    """AUC (tumour/positive class vs rest) and accuracy over the labelled rows of a
+    predictions table; ``slides`` counts labelled rows, ``unlabelled`` the others."""
     from sklearn.metrics import roc_auc_score
 
-    rows = [r for r in _read_csv(pred_csv) if r.get("label")]
+    every = _read_csv(pred_csv)
+    rows = [r for r in every if r.get("label")]
+    unlabelled = len(every) - len(rows)
     prob_cols = [c for c in (rows[0] if rows else {}) if c.startswith("p_")]
     if not rows or not prob_cols:
-        return {"slides": len(rows)}
+        return {"slides": len(rows), "unlabelled": unlabelled}
     positive = "p_tumour" if "p_tumour" in prob_cols else prob_cols[-1]
     y = [f"p_{r['label']}" == positive for r in rows]
     p = [float(r[positive]) for r in rows]
     calls = [r.get("call") or max(prob_cols, key=lambda c, r=r: float(r[c]))[2:] for r in rows]
     acc = sum(c == r["label"] for c, r in zip(calls, rows, strict=True)) / len(rows)
     auc = float(roc_auc_score(y, p)) if len(set(y)) == 2 else math.nan
-    return {"slides": len(rows), "auc": auc, "accuracy": acc, "positive": positive[2:]}
+    return {
+        "slides": len(rows),
+        "unlabelled": unlabelled,
+        "auc": auc,
+        "accuracy": acc,
+        "positive": positive[2:],
+    }
 
 
 def _copy(src: Path, dst_dir: Path) -> str:
@@ -68,62 +77,231 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1250px;color:#222}table{border-collapse:"
+    "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0;max-width:48%;"
+    "vertical-align:top}figcaption{font-size:85%;color:#555}.slides{display:grid;"
+    "grid-template-columns:1fr 1.2fr 1fr;gap:10px;align-items:start}.ok{color:#080}"
+    ".bad{color:#b00}.unknown{color:#777}small{color:#555}"
+)
+
+
 def write_report(root: str | Path, title: str = "slidestream report") -> Path:
-    """Write ``root/report/index.html`` from what ``root`` holds; returns its path."""
+    """Write ``root/report/index.html`` from what ``root`` holds; returns its path.
+
+    Sections: what ran (``about.json`` if present: a summary, the steps with their commands,
+    a description per folder), held-out results per ``predictions.csv`` (AUC, accuracy, ROC
+    curve and confusion matrix of the labelled slides), each training run (settings from its
+    ``config.yaml``, best epoch from ``summary.json``, metrics, curves, validation ROC and
+    confusion, the last validation patch grid), and one row per predicted slide (tissue
+    overlay, heatmap, link to its zoomable viewer, calls against truth). Every figure names
+    the file it comes from. Pictures and viewer pages are copied into ``root/report``, so the
+    folder opens offline and moves as one.
+    """
     root = Path(root)
     out = root / "report"
     img = out / "img"
+    if img.exists():
+        shutil.rmtree(img)
+    about = _about(root)
     runs = sorted(p.parent for p in root.rglob("metrics.csv") if out not in p.parents)
-    preds = sorted(p for p in root.rglob("predictions.csv") if out not in p.parents)
-    parts = [
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>Folder: <code>{html.escape(str(root))}</code></p>",
+    preds = [
+        p for p in sorted(root.rglob("predictions.csv")) if out not in p.parents and _read_csv(p)
     ]
+    parts = [f"<h1>{html.escape(title)}</h1>", _about_section(root, about)]
     if preds:
-        parts.append(
-            "<h2>Held-out results</h2><table><tr><th>predictions</th><th>slides</th>"
-            "<th>AUC</th><th>accuracy</th></tr>"
-        )
-        for p in preds:
-            m = held_out_metrics(p)
-            parts.append(
-                f"<tr><td>{html.escape(str(p.relative_to(root)))}</td>"
-                f"<td>{m.get('slides', 0)}</td><td>{_fmt(m.get('auc', math.nan))}</td>"
-                f"<td>{_fmt(m.get('accuracy', math.nan))}</td></tr>"
-            )
-        parts.append("</table>")
+        parts.append(_results_section(root, preds, img, about))
     for run in runs:
         parts.append(_run_section(root, run, img))
-    parts.append(_slides_section(root, preds, img))
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:"
-        "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:"
-        "100%}.slides{display:grid;grid-template-columns:1fr 1fr 1.2fr;gap:8px;"
-        "align-items:start}.ok{color:#080}.bad{color:#b00}"
-    )
+    parts.append(_slides_section(root, preds, img, about))
     out.mkdir(parents=True, exist_ok=True)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+        f"</title><style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _about(root: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((root / "about.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _about_section(root: Path, about: dict[str, Any]) -> str:
+    parts = [f"<p>Folder: <code>{html.escape(str(root))}</code></p>"]
+    if about.get("summary"):
+        parts.append(f"<p>{html.escape(str(about['summary']))}</p>")
+    steps = about.get("steps") or []
+    if steps:
+        parts.append("<h2>What ran</h2><ul>")
+        for step in steps:
+            cmd = (
+                f" <code>{html.escape(str(step['command']))}</code>" if step.get("command") else ""
+            )
+            parts.append(f"<li>{html.escape(str(step.get('what', '')))}{cmd}</li>")
+        parts.append("</ul>")
+    return "".join(parts)
+
+
+def _figure(src: Path, dst_dir: Path, root: Path, caption: str) -> str:
+    """A copied picture with a caption naming its source file."""
+    where = html.escape(str(src.relative_to(root)) if root in src.parents else str(src))
+    return (
+        f"<figure>{_img(src, dst_dir, caption)}<figcaption>{html.escape(caption)} "
+        f"<small>(from <code>{where}</code>)</small></figcaption></figure>"
+    )
+
+
+def _chart(fig: Any, dst_dir: Path, name: str, caption: str, source: str) -> str:
+    from slidestream import charts
+
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    (png,) = charts.save(fig, dst_dir / name, formats=("png",))
+    return (
+        f'<figure><img src="{html.escape("img/" + quote(png.name))}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)} <small>(drawn from <code>{html.escape(source)}"
+        "</code>)</small></figcaption></figure>"
+    )
+
+
+def _labelled(pred_csv: Path) -> tuple[list[str], Any, list[str]] | None:
+    """(labels, probabilities (N, C), classes) of the labelled rows, or None."""
+    import numpy as np
+
+    rows = [r for r in _read_csv(pred_csv) if r.get("label")]
+    classes = [c[2:] for c in (rows[0] if rows else {}) if c and c.startswith("p_")]
+    rows = [r for r in rows if r["label"] in classes]
+    if len(rows) < 2 or not classes:
+        return None
+    probs = np.array([[_float(r[f"p_{c}"]) for c in classes] for r in rows])
+    return [r["label"] for r in rows], probs, classes
+
+
+def _results_section(root: Path, preds: list[Path], img: Path, about: dict[str, Any]) -> str:
+    from sklearn.metrics import confusion_matrix
+
+    from slidestream import charts
+
+    folders = about.get("folders") or {}
+    parts = [
+        "<h2>Held-out results</h2><table><tr><th>predictions</th><th>what</th>"
+        "<th>labelled slides</th><th>unlabelled</th><th>AUC</th><th>accuracy</th></tr>"
+    ]
+    figures = []
+    for p in preds:
+        rel = str(p.relative_to(root))
+        m = held_out_metrics(p)
+        what = folders.get(str(p.parent.relative_to(root))) or _kind(p)
+        parts.append(
+            f"<tr><td><code>{html.escape(rel)}</code></td><td>{html.escape(what)}</td>"
+            f"<td>{m.get('slides', 0)}</td><td>{m.get('unlabelled', 0)}</td>"
+            f"<td>{_fmt(m.get('auc', math.nan))}</td><td>{_fmt(m.get('accuracy', math.nan))}</td></tr>"
+        )
+        data = _labelled(p)
+        if data is None:
+            continue
+        labels, probs, classes = data
+        y = [classes.index(lab) for lab in labels]
+        key = path_hash(p)
+        if len(set(y)) > 1:
+            roc = charts.roc_figure(y, probs, classes)
+            figures.append(_chart(roc, img, f"{key}-roc", f"ROC, {rel}", rel))
+        matrix = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
+        figures.append(
+            _chart(
+                charts.confusion_figure(matrix, classes),
+                img,
+                f"{key}-confusion",
+                f"confusion, {rel}",
+                rel,
+            )
+        )
+    parts.append("</table>")
+    return "".join(parts) + "".join(figures)
+
+
+def _kind(pred_csv: Path) -> str:
+    if any(pred_csv.parent.glob("*.tiles.csv")):
+        return "patch classifier on a tile grid, tiles aggregated per slide"
+    return "slide-level model (one call per slide)"
 
 
 def _run_section(root: Path, run: Path, img: Path) -> str:
     rows = _read_csv(run / "metrics.csv")
     name = run.relative_to(root)
     parts = [f"<h2>Training run <code>{html.escape(str(name))}</code></h2>"]
+    parts.append(_settings(run))
     if rows:
-        keys = [k for k in rows[-1] if k != "time_s"]
+        keys = [k for k in rows[-1] if k]
         parts.append("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
         for r in rows:
             cells = "".join(f"<td>{_fmt(_num(r.get(k, '')))}</td>" for k in keys)
             parts.append(f"<tr>{cells}</tr>")
         parts.append("</table>")
-    if (run / "curves.png").exists():
-        parts.append(f"<p>{_img(run / 'curves.png', img, f'training curves of {name}')}</p>")
+    captions = {
+        "curves.png": "training curves",
+        "roc.png": "validation ROC (last validated epoch)",
+        "confusion.png": "validation confusion matrix (last validated epoch)",
+    }
+    for file, caption in captions.items():
+        if (run / file).exists():
+            parts.append(_figure(run / file, img, root, caption))
+    grids = sorted(run.glob("val_grid_epoch*.png"), key=lambda q: int(q.stem[14:] or 0))
+    if grids:
+        parts.append(_figure(grids[-1], img, root, "validation patches, true vs predicted class"))
     return "".join(parts)
+
+
+def _settings(run: Path) -> str:
+    """What the run was: its settings (config.yaml) and its best epoch (summary.json)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    keys = (
+        "data",
+        "val_data",
+        "model",
+        "task",
+        "mpp",
+        "size",
+        "image_size",
+        "tile_size",
+        "stages",
+        "epochs",
+        "batch_size",
+        "accumulate",
+        "lr",
+        "optimizer",
+        "amp",
+        "device",
+    )
+    items = [(k, cfg[k]) for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None]
+    if summary.get("best_epoch"):
+        items.append(
+            (
+                "best epoch",
+                f"{summary['best_epoch']} ({summary.get('best_metric_name')} "
+                f"{_fmt(summary.get('best_metric'))})",
+            )
+        )
+    if not items:
+        return ""
+    cells = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items
+    )
+    return f"<table>{cells}</table>"
 
 
 def _num(text: str) -> Any:
@@ -135,10 +313,13 @@ def _num(text: str) -> Any:
         return text
 
 
-def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
+def _slides_section(
+    root: Path, preds: list[Path], img: Path, about: dict[str, Any] | None = None
+) -> str:
     calls: dict[str, list[str]] = {}
     names: dict[str, str] = {}
     heatmaps: dict[str, Path] = {}
+    viewers: dict[str, list[tuple[str, Path]]] = {}
     for p in preds:
         for r in _read_csv(p):
             slide = r.get("slide") or "?"
@@ -146,14 +327,22 @@ def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
             names.setdefault(slide, stem)
             if slide not in heatmaps and (p.parent / f"{stem}.heatmap.png").is_file():
                 heatmaps[slide] = p.parent / f"{stem}.heatmap.png"
+            if (p.parent / f"{stem}.viewer.html").is_file():
+                viewers.setdefault(slide, []).append(
+                    (p.parent.name, p.parent / f"{stem}.viewer.html")
+                )
             calls.setdefault(slide, []).append(_call(p, r))
     if not calls:
         return ""
     qc = {q.name: q for q in sorted(root.rglob("*.qc.png")) if img not in q.parents}
     qc_of = _qc_by_source(root, img)
     parts = [
-        "<h2>Held-out slides</h2><div class='slides'><b>tissue</b><b>heatmap</b>"
-        "<b>prediction vs truth</b>"
+        "<h2>Predicted slides</h2><p>Tissue overlay (tissue outlined), the heatmap of the "
+        "first prediction folder that has one (colour bar: probability of the class named in "
+        "it), links to zoomable viewers (slide, heatmap, contours; open offline), and each "
+        "folder's call: <span class='ok'>right</span>, <span class='bad'>wrong</span>, "
+        "<span class='unknown'>no truth</span>.</p><div class='slides'><b>tissue</b>"
+        "<b>heatmap</b><b>prediction vs truth</b>"
     ]
     for slide in sorted(calls):
         stem = names[slide]
@@ -167,8 +356,12 @@ def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
             _img(f, img, f"{stem}{suffix}") if f else "<i>none</i>"
             for f, suffix in zip(found, (".qc.png", ".heatmap.png"), strict=True)
         ]
+        links = " ".join(
+            f'<a href="{html.escape(_copy(v, img))}">viewer ({html.escape(folder)})</a>'
+            for folder, v in viewers.get(slide, [])
+        )
         parts.append(
-            f"<div>{pics[0]}<br>{html.escape(stem)}</div><div>{pics[1]}</div>"
+            f"<div>{pics[0]}<br>{html.escape(stem)}</div><div>{pics[1]}<br>{links}</div>"
             f"<div>{'<br>'.join(calls[slide])}</div>"
         )
     parts.append("</div>")
@@ -201,11 +394,12 @@ def _qc_by_source(root: Path, img: Path) -> dict[str, Path]:
 def _call(pred_csv: Path, r: dict[str, str]) -> str:
     probs = {k[2:]: _float(v) for k, v in r.items() if k and k.startswith("p_") and v}
     call = r.get("call") or (max(probs, key=probs.get) if probs else "?")
-    ok = "ok" if call == r.get("label") else "bad"
+    truth = r.get("label") or ""
+    ok = "unknown" if not truth else "ok" if call == truth else "bad"
     detail = ", ".join(f"{k} {v:.2f}" for k, v in probs.items())
     return (
         f"<b>{html.escape(pred_csv.parent.name)}</b>: <span class='{ok}'>{html.escape(call)}"
-        f"</span> ({html.escape(detail)}); truth {html.escape(r.get('label') or '?')}"
+        f"</span> ({html.escape(detail)}); truth {html.escape(truth or 'unknown')}"
     )
 
 

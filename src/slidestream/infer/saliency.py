@@ -20,6 +20,7 @@ from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, write_geojson
 from slidestream.infer.heatmap import heatmap_overlay
 from slidestream.infer.predict import SlidePrediction
+from slidestream.infer.viewer import write_viewer
 from slidestream.io import open_slide
 from slidestream.models.checkpoint import load_checkpoint
 from slidestream.models.slide import load_slide_model, predictions
@@ -108,9 +109,20 @@ class StreamingPredictor:
             out / f"{stem}.heatmap.png"
         )
         step = (d * w0 / w, d * h0 / h)  # level-0 px per heatmap cell
-        write_geojson(
-            contours_geojson(grid, (0.0, 0.0, *step), f"salient:{self.classes[k]}", k, threshold),
-            out / f"{stem}.geojson",
+        collection = contours_geojson(
+            grid, (0.0, 0.0, *step), f"salient:{self.classes[k]}", k, threshold
+        )
+        write_geojson(collection, out / f"{stem}.geojson")
+        title = f"{stem}: saliency for {self.classes[k]}"
+        write_viewer(
+            out / f"{stem}.viewer.html",
+            thumb,
+            (w0, h0),
+            grid,
+            step,
+            collection,
+            title=title,
+            heat_label="saliency",
         )
         call = self.classes[k] if self.cfg.task != "regression" else f"{float(probs[0]):.4g}"
         return SlidePrediction(str(path), call, [float(p) for p in probs], 1, 0, stem)
