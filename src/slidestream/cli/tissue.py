@@ -122,10 +122,23 @@ def _print_summary(rows: list[dict[str, Any]], out: Path) -> None:
             table.add_row(Path(r["slide"]).name, "-", "-", "-", "[red]failed[/red]")
         else:
             mpp = f"{r['mask_mpp']:.3g}" if r["mask_mpp"] else "-"
+            status = "[yellow]no tissue[/yellow]" if _near_empty(r) else "ok"
             table.add_row(
-                Path(r["slide"]).name, r["backend"], f"{100 * r['fraction']:.1f}%", mpp, "ok"
+                Path(r["slide"]).name, r["backend"], f"{100 * r['fraction']:.1f}%", mpp, status
             )
     ok = sum("error" not in r for r in rows)
     console = Console(width=120, stderr=False)
     console.print(table)
     console.print(f"{ok} of {len(rows)} slides done; masks and QC images in {out}")
+    empty = [Path(r["slide"]).name for r in rows if _near_empty(r)]
+    if empty:
+        console.print(
+            f"{len(empty)} slide(s) with an empty or near-empty tissue mask: {', '.join(empty)} "
+            "(blank slide? else try --method hsv, or check the QC images)"
+        )
+
+
+def _near_empty(row: dict[str, Any]) -> bool:
+    from slidestream.tissue import NEAR_EMPTY
+
+    return "error" not in row and row["fraction"] < NEAR_EMPTY

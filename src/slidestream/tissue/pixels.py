@@ -1,0 +1,138 @@
+"""Per-pixel colour features of a low-resolution slide image, and the pixels that can be tissue.
+
+Both detectors threshold only *plausible* pixels: a pixel is never tissue when it is
+
+- **dark**: its brightest channel is below ``min_value`` (black canvas of slides converted
+  without alpha, pure-black scanner padding, black ink);
+- **blackish**: value below 40 % and saturation below 30 %, or value below 65 % and
+  saturation below 12 % (black and grey-black ink, shadows);
+- **ink-coloured**: hue between 70° and 235° (yellow-green, green, cyan, blue) with at least
+  20 % saturation, a hue H&E never has (eosin and haematoxylin lie between ~240° and ~30°):
+  blue and green marker pens. Red, pink and purple ink share H&E's hues and stay;
+- **beside any of the above**: within two blur sigmas of them (their blurred rims, where ink
+  or black blends into glass or tissue);
+- **grey**: saturation below the detector's floor (glass, unscanned or grey background,
+  gradients). Unstained tissue is grey too, and is dropped.
+
+All values here are float32 arrays of shape (H, W); hue in degrees [0, 360), saturation and
+value in [0, 1] as in HSV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PixelFeatures", "hysteresis", "otsu_thresholds", "pixel_features"]
+
+INK_HUE = (70.0, 235.0)  # degrees: yellow-green through blue
+INK_MIN_SATURATION = 0.2
+BLACKISH = ((0.4, 0.3), (0.65, 0.12))  # (value below, saturation below): black-grey ink
+GREY = np.array([0.2125, 0.7154, 0.0721], np.float32)  # luminance weights (ITU-R BT.709)
+
+
+@dataclass(frozen=True)
+class PixelFeatures:
+    """Colour features of a blurred (H, W, 3) image and its plausible-tissue map.
+
+    ``grey`` is luminance and ``chroma`` the max - min channel, in [0, 255]; ``saturation``
+    and ``value`` as in HSV, in [0, 1]; ``plausible`` is False for dark, blackish and
+    ink-coloured pixels (see the module doc).
+    """
+
+    grey: np.ndarray
+    chroma: np.ndarray
+    saturation: np.ndarray
+    value: np.ndarray
+    plausible: np.ndarray
+
+    def background(self, min_saturation: float) -> np.ndarray:
+        """Plausible pixels too grey to be tissue (glass, unscanned background)."""
+        return self.plausible & (self.saturation < min_saturation)
+
+
+def pixel_features(
+    rgb: np.ndarray, sigma_px: float, min_value: float, drop_ink: bool = True
+) -> PixelFeatures:
+    """Features of an (H, W, 3) uint8 image after a Gaussian blur of ``sigma_px`` mask pixels.
+
+    ``min_value`` (0-1) is the darkest brightest-channel value a tissue pixel may have;
+    ``drop_ink=False`` keeps ink-coloured pixels (e.g. for IHC, whose counterstain is blue).
+    """
+    from slidestream.tissue.base import gaussian_blur
+
+    f = rgb[..., :3].astype(np.float32)
+    if sigma_px > 0.3:
+        f = np.stack(
+            [gaussian_blur(np.ascontiguousarray(f[..., k]), sigma_px) for k in range(3)], -1
+        )
+    hi, lo = f.max(axis=2), f.min(axis=2)
+    chroma = hi - lo
+    value = hi / 255.0
+    saturation = np.where(hi > 0, chroma / np.maximum(hi, 1e-6), 0.0).astype(np.float32)
+    never = value < min_value
+    for v, sat in BLACKISH:
+        never |= (value < v) & (saturation < sat)
+    if drop_ink:
+        hue = _hue(f, hi, chroma)
+        never |= (hue > INK_HUE[0]) & (hue < INK_HUE[1]) & (saturation >= INK_MIN_SATURATION)
+    plausible = ~_grow(never, 2.0 * sigma_px)  # and their blurred rims
+    return PixelFeatures(f @ GREY, chroma, saturation, value.astype(np.float32), plausible)
+
+
+def _grow(binary: np.ndarray, radius_px: float) -> np.ndarray:
+    """``binary`` dilated by a disk of ``radius_px``."""
+    import cv2
+
+    r = int(round(radius_px))
+    if r < 1 or not binary.any():
+        return binary
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.dilate(binary.astype(np.uint8), disk).astype(bool)
+
+
+def _hue(f: np.ndarray, hi: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """HSV hue in degrees [0, 360) of a float (H, W, 3) RGB image (0 where chroma is 0)."""
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    c = np.maximum(chroma, 1e-6)
+    h = np.where(
+        hi == r, np.mod((g - b) / c, 6.0), np.where(hi == g, (b - r) / c + 2.0, (r - g) / c + 4.0)
+    )
+    return (60.0 * h).astype(np.float32)
+
+
+def otsu_thresholds(
+    score: np.ndarray, background: np.ndarray | None, margin: float, floor: float
+) -> tuple[float, float]:
+    """(Otsu's threshold of ``score``, a faint-tissue threshold) for 1-D non-empty ``score``.
+
+    The faint threshold is Otsu's lowered to at most ``margin`` above the median score of
+    ``background`` (``None``: the scores below Otsu's threshold); a background of fewer than
+    0.5 % of the scores (tissue everywhere) leaves it at Otsu's. Both are at least ``floor``.
+    """
+    from skimage.filters import threshold_otsu
+
+    thr = float(threshold_otsu(score)) if np.ptp(score) > 0 else float(score[0])
+    faint = thr
+    if background is None:
+        background = score[score < thr]
+    if background.size >= max(16, score.size // 200):
+        faint = min(thr, float(np.median(background)) + margin)
+    return max(thr, floor), max(faint, floor)
+
+
+def hysteresis(score: np.ndarray, thresholds: tuple[float, float], ring_px: float) -> np.ndarray:
+    """Pixels above the first (Otsu's) threshold, plus faint ones above the second that lie
+    more than ``ring_px`` from them: faint tissue on its own is kept, while the blurred rim
+    of ordinary tissue (which is faint too) does not widen the mask."""
+    import cv2
+
+    strong = score > thresholds[0]
+    faint = score > thresholds[1]
+    r = int(round(ring_px))
+    if r < 1 or not strong.any():
+        return strong | faint
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    near = cv2.dilate(strong.astype(np.uint8), disk).astype(bool)
+    return strong | (faint & ~near)
