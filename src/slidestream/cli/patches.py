@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         error_line("patches", f"skipped {failure}")
     for name, path in build.files.items():
         print(f"{name}: {build.patches[name]} new patches -> {path}")
+    empty = getattr(build, "empty", [])
+    if empty:
+        names = ", ".join(Path(p).name for p in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        print(f"{len(empty)} slides gave no patches (blank or too little tissue): {names}")
     if build.skipped:
         print(f"{build.skipped} slides (or tile blocks) already in the database were skipped")
     return 1 if build.failures else 0

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from slidestream.data.hdf5 import PatchDatabaseWriter
+from slidestream.data.nopatches import no_patches_error, warn_empty_slide
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import open_slide
 from slidestream.sampling import (
@@ -39,6 +40,7 @@ class DatabaseBuild:
     patches: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     skipped: int = 0
+    empty: list[str] = field(default_factory=list)  # slides that gave no patch
 
 
 def split_paths(out: str | os.PathLike[str], splits: list[str]) -> dict[str, Path]:
@@ -106,13 +108,18 @@ def build_patch_databases(
                     patches = _slide_patches(
                         entry, sampler, classes, labels, per_slide, rng, backend, tissue, mask_dir
                     )
-                    build.patches[name] += writer.add_slide(key, entry.patient_id, patches)
+                    added = writer.add_slide(key, entry.patient_id, patches)
+                    build.patches[name] += added
+                    if not added:
+                        build.empty.append(key)
                 except SlideStreamError as exc:
                     build.failures.append(f"{entry.path}: {' '.join(str(exc).split())}")
                     log.info("skipping %s: %s", entry.path, exc)
         finally:
             writer.close()
     bar.close()
+    if build.empty and not build.skipped and not sum(build.patches.values()):
+        raise no_patches_error(build.empty, sampler, failed=len(build.failures))
     return build
 
 
@@ -173,6 +180,8 @@ def _slide_patches(
             loc.y,
             mpp,
         )
+    if not count:
+        warn_empty_slide(entry.path, mask, sampler)
 
 
 def tile_folder_entries(root: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], list[str]]:

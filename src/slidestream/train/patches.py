@@ -24,7 +24,7 @@ from slidestream.data import PatchLoader, PatchStream, default_augmentation, nor
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 from slidestream.data.hdf5 import PatchDatabase
 from slidestream.data.preview import patch_grid
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, NoPatchesError
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import RandomPatchSampler, load_cohort
 from slidestream.train.checkpoint import load_checkpoint, save_checkpoint
@@ -68,6 +68,11 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
             raise ConfigError(
                 f"{cfg.data} has no classes: build it from a cohort CSV with a "
                 f"label column, --labels annotations, or --tiles class folders"
+            )
+        if not len(train):
+            raise NoPatchesError(
+                f"{cfg.data} holds no patches: rebuild it (slidestream patches names the slides "
+                f"that gave none), e.g. with a lower --min-tissue, after checking tissue masks"
             )
         counts = [train.class_counts.get(c, 0) for c in train.classes]
         return _Data(
@@ -211,7 +216,13 @@ class _Trainer:
                 batch = next(it, None)
                 if batch is None:
                     it = iter(train_loader)
-                    batch = next(it)
+                    batch = next(it, None)
+                    if batch is None:
+                        raise NoPatchesError(
+                            f"no training batch from {self.cfg.data}: it holds no patches (or "
+                            f"fewer than one batch); for a cohort, check the slides' tissue "
+                            f"masks, min_tissue and mpp"
+                        )
                 loss = self._step(batch)
                 total, n = total + loss, n + 1
                 bar.set_postfix(loss=f"{total / n:.4f}")
