@@ -41,7 +41,10 @@ def _mixed_csv(tmp_path, blanks, slides):
 SAMPLER = RandomPatchSampler(64, mpp=1.0, min_tissue=0.5)
 
 
-def test_stream_names_and_counts_blank_slides(blanks, slides, tmp_path, caplog):
+def test_stream_names_and_counts_blank_slides(blanks, slides, tmp_path, caplog, monkeypatch):
+    import slidestream.tissue
+
+    monkeypatch.setattr(slidestream.tissue, "_WARNED", set())  # once per process: forget
     stream = PatchStream(
         _mixed_csv(tmp_path, blanks, slides), SAMPLER, patches_per_slide=5, mask_dir=tmp_path
     )
@@ -51,7 +54,21 @@ def test_stream_names_and_counts_blank_slides(blanks, slides, tmp_path, caplog):
     assert stream.stats()["slides_empty"] == 2
     for p in blanks[0]:
         assert f"{p} gives no patches" in caplog.text
+        assert f"{p}: no tissue found by tissue method 'otsu'" in caplog.text
     assert "tissue mask is empty" in caplog.text
+
+
+def test_cli_tissue_flags_blank_slides(blanks, slides, tmp_path, capsys, caplog, monkeypatch):
+    import slidestream.tissue
+
+    monkeypatch.setattr(slidestream.tissue, "_WARNED", set())
+    paths = [str(p) for p in blanks[0]]
+    with caplog.at_level(logging.WARNING):
+        code = main(["tissue", *paths, "--mpp", "0.5", "--out", str(tmp_path / "t")])
+    out = capsys.readouterr().out
+    assert code == 0 and "no tissue" in out
+    assert "2 slide(s) with an empty or near-empty tissue mask: glass.png, black.png" in out
+    assert f"{paths[0]}: no tissue found" in caplog.text
 
 
 @pytest.mark.parametrize("finite", [False, True])

@@ -42,6 +42,7 @@ __all__ = ["Annotations", "AnnotationSampler", "load_annotations"]
 log = logging.getLogger(__name__)
 
 _AREAS = ("Polygon", "MultiPolygon")
+_WARNED: set[tuple[str, str]] = set()  # (file, feature) already reported by this process
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Annotations:
     """Valid, non-overlapping areas per class name: shapely (Multi)Polygons in level-0 px.
 
     ``ignored`` describes each feature (or part) left out, e.g. ``"feature 3 (Point, class
-    'tumour'): no area"``.
+    'tumour'): no area"``; each is also logged as a warning, once per file and process.
     """
 
     regions: dict[str, Any]
@@ -120,6 +121,9 @@ def load_annotations(path: str | os.PathLike[str]) -> Annotations:
         if geom is not None:
             areas.append((name, geom))
     for what in ignored:
+        if (str(path), what) in _WARNED:
+            continue
+        _WARNED.add((str(path), what))
         log.warning(
             "%s: %s; left out (only areas are sampled: draw polygons, or buffer points and "
             "lines into polygons)",

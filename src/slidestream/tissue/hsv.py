@@ -15,14 +15,15 @@ __all__ = ["HSVDetector"]
 
 @dataclass(frozen=True)
 class HSVDetector(TissueDetector):
-    """Tissue has saturation above Otsu's threshold of the blurred saturation channel.
+    """Tissue has HSV saturation above Otsu's threshold of the blurred saturation channel.
 
     The threshold is computed over plausible pixels only (dark, blackish and blue/green ink
-    pixels are left out; see :mod:`slidestream.tissue.pixels`), lowered to at most
-    ``faint_margin`` above the median saturation of the pixels below it (the background), so
-    faint, pale tissue is kept, and raised to at least ``min_saturation``. ``min_value`` is the
-    darkest brightest-channel value (0-1) tissue may have; ``drop_ink=False`` keeps
-    ink-coloured pixels.
+    pixels and their rims are left out; see :mod:`slidestream.tissue.pixels`). Faint tissue is
+    kept: pixels above a lower threshold, ``faint_margin`` above the median saturation of the
+    pixels below Otsu's, count too when they lie away from ordinary tissue. Both thresholds are
+    at least ``min_saturation``. Unlike ``otsu``, darkness plays no part: dark but grey-ish
+    tissue (folds, dense debris) may be dropped. ``min_value`` is the darkest brightest-channel
+    value (0-1) tissue may have; ``drop_ink=False`` keeps ink-coloured pixels.
     """
 
     name: ClassVar[str] = "hsv"

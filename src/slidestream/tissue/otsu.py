@@ -15,16 +15,20 @@ __all__ = ["OtsuDetector"]
 
 @dataclass(frozen=True)
 class OtsuDetector(TissueDetector):
-    """Tissue is darker than Otsu's threshold of the blurred grey image, and coloured.
+    """Tissue scores above Otsu's threshold of a blurred darkness-plus-colour score.
 
-    The threshold is computed over plausible pixels only (dark, blackish and blue/green ink
-    pixels are left out; see :mod:`slidestream.tissue.pixels`), and lowered to at most
-    ``faint_margin`` grey levels below the median of the grey background (glass), so faint,
-    pale tissue is kept. Pixels with HSV saturation below ``min_saturation`` (glass, grey or
-    unscanned areas, gradients) and brighter than ``max_threshold`` (grey level 0-255) are never
-    tissue; ``min_contrast`` is the grey-level spread (1st to 99th percentile of plausible
-    pixels) below which the slide counts as empty. ``min_value`` is the darkest brightest-channel
-    value (0-1) tissue may have; ``drop_ink=False`` keeps ink-coloured pixels.
+    The score is ``(255 - grey) + (max - min channel)`` in grey levels, so tissue stands out by
+    being darker or more coloured than glass. Otsu's threshold is computed over plausible pixels
+    only (dark, blackish and blue/green ink pixels and their rims are left out; see
+    :mod:`slidestream.tissue.pixels`). Faint tissue is kept: pixels above a lower threshold,
+    ``faint_margin`` grey levels above the median score of the glass, count too when they lie
+    away from ordinary tissue (so its blurred rim does not widen the mask). Pixels with HSV
+    saturation below ``min_saturation`` (glass, grey or unscanned areas, gradients, unstained
+    tissue) are never tissue. ``max_threshold`` (0-255) keeps both thresholds at least
+    ``255 - max_threshold``; ``min_contrast`` is the score spread (1st to 99th percentile of
+    plausible pixels) below which the slide counts as empty. ``min_value`` is the darkest
+    brightest-channel value (0-1) tissue may have; ``drop_ink=False`` keeps ink-coloured pixels
+    (e.g. IHC, whose counterstain is blue).
     """
 
     name: ClassVar[str] = "otsu"
