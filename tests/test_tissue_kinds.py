@@ -204,3 +204,16 @@ def test_real_slide_on_black_canvas(shared_data, tmp_path):
     x, y = locs[:, 0] + 32, locs[:, 1] + 32
     assert len(locs) > 20
     assert np.all((x >= 250) & (x < 250 + w) & (y >= 150) & (y < 150 + h))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_real_slide_faded_and_under_a_gradient(shared_data, tmp_path, method):
+    with open_slide(shared_data / "cmu_small_region.svs") as s:
+        rgb = s.thumbnail(740)
+    clean_frac, _ = _fraction(tmp_path, rgb, method)
+    for amount in (0.65, 0.8):
+        faded, _ = _fraction(tmp_path, _pale(rgb, amount), method)
+        assert 0.8 * clean_frac < faded < 1.05 * clean_frac
+    gain = (0.72 + 0.28 * np.linspace(0, 1, rgb.shape[1]))[None, :, None]
+    shaded, _ = _fraction(tmp_path, (rgb * gain).astype(np.uint8), method)
+    assert shaded == pytest.approx(clean_frac, rel=0.1)

@@ -29,7 +29,7 @@ class HSVDetector(TissueDetector):
     name: ClassVar[str] = "hsv"
     min_saturation: float = 0.03
     min_value: float = 0.2
-    faint_margin: float = 0.03
+    faint_margin: float = 0.015
     drop_ink: bool = True
 
     def __post_init__(self) -> None:
@@ -45,6 +45,7 @@ class HSVDetector(TissueDetector):
         sat = feat.saturation[feat.plausible]
         if sat.size < 2 or float(sat.max()) < self.min_saturation:
             return np.zeros(feat.saturation.shape, bool)
-        thr = otsu_thresholds(sat, None, self.faint_margin, self.min_saturation)
+        floor = feat.saturation_floor(self.min_saturation)
+        thr = otsu_thresholds(sat, None, self.faint_margin, floor)
         score = np.where(feat.plausible, feat.saturation, -np.inf)
         return hysteresis(score, thr, 3.0 * sigma_px)

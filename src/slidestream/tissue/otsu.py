@@ -17,8 +17,9 @@ __all__ = ["OtsuDetector"]
 class OtsuDetector(TissueDetector):
     """Tissue scores above Otsu's threshold of a blurred darkness-plus-colour score.
 
-    The score is ``(255 - grey) + (max - min channel)`` in grey levels, so tissue stands out by
-    being darker or more coloured than glass. Otsu's threshold is computed over plausible pixels
+    The score is ``(glass - grey) + (max - min channel)`` in grey levels, where ``glass`` is the
+    local grey level of the glass (so illumination gradients cancel; 255 when no glass is
+    seen): tissue stands out by being darker or more coloured than glass. Otsu's threshold is computed over plausible pixels
     only (dark, blackish and blue/green ink pixels and their rims are left out; see
     :mod:`slidestream.tissue.pixels`). Faint tissue is kept: pixels above a lower threshold,
     ``faint_margin`` grey levels above the median score of the glass, count too when they lie
@@ -52,13 +53,15 @@ class OtsuDetector(TissueDetector):
         from slidestream.tissue.pixels import hysteresis, otsu_thresholds, pixel_features
 
         feat = pixel_features(rgb, sigma_px, self.min_value, self.drop_ink)
-        score = 255.0 - feat.grey + feat.chroma  # darkness plus colour, grey levels
+        # darkness (below the local glass level) plus colour, in grey levels
+        score = feat.glass_grey(self.min_saturation) - feat.grey + feat.chroma
         plausible = score[feat.plausible]
         if plausible.size < 2 or np.ptp(np.percentile(plausible, [1, 99])) < self.min_contrast:
             return np.zeros(score.shape, bool)
         glass = score[feat.background(self.min_saturation)]
         thr = otsu_thresholds(plausible, glass, self.faint_margin, 255.0 - self.max_threshold)
-        coloured = feat.plausible & (feat.saturation >= self.min_saturation)
+        floor = feat.saturation_floor(self.min_saturation)
+        coloured = feat.plausible & (feat.saturation >= floor)
         return hysteresis(np.where(coloured, score, -np.inf), thr, 3.0 * sigma_px)
 
 

@@ -4,8 +4,9 @@ Both detectors threshold only *plausible* pixels: a pixel is never tissue when i
 
 - **dark**: its brightest channel is below ``min_value`` (black canvas of slides converted
   without alpha, pure-black scanner padding, black ink);
-- **blackish**: value below 40 % and saturation below 30 %, or value below 65 % and
-  saturation below 12 % (black and grey-black ink, shadows);
+- **blackish**: value below 40 % and saturation below 30 % (black ink, shadows), or darker
+  than the glass around it by more than 40 grey levels with a chroma (max - min channel)
+  below 0.15x that darkness (grey-black ink, thin or faded: tissue that dark is coloured);
 - **ink-coloured**: hue between 70° and 235° (yellow-green, green, cyan, blue) with at least
   20 % saturation, a hue H&E never has (eosin and haematoxylin lie between ~240° and ~30°):
   blue and green marker pens. Red, pink and purple ink share H&E's hues and stay;
@@ -28,7 +29,9 @@ __all__ = ["PixelFeatures", "hysteresis", "otsu_thresholds", "pixel_features"]
 
 INK_HUE = (70.0, 235.0)  # degrees: yellow-green through blue
 INK_MIN_SATURATION = 0.2
-BLACKISH = ((0.4, 0.3), (0.65, 0.12))  # (value below, saturation below): black-grey ink
+BLACKISH = (0.4, 0.3)  # (value below, saturation below): black ink, shadows
+GREYISH = (40.0, 0.15)  # darker than the local glass by more than this, chroma below x darkness
+GLASS_SATURATION = 0.03  # glass, for GREYISH: plausible pixels less saturated than this
 GREY = np.array([0.2125, 0.7154, 0.0721], np.float32)  # luminance weights (ITU-R BT.709)
 
 
@@ -51,6 +54,33 @@ class PixelFeatures:
         """Plausible pixels too grey to be tissue (glass, unscanned background)."""
         return self.plausible & (self.saturation < min_saturation)
 
+    def glass_grey(self, min_saturation: float) -> np.ndarray | float:
+        """Local grey level of the glass, an (H, W) map (or 255.0 when no glass is seen):
+        glass pixels averaged over ~1/8 of the image, so illumination gradients cancel."""
+        import cv2
+
+        glass = self.background(min_saturation)
+        if glass.sum() < max(16, glass.size // 200):
+            return 255.0
+        h, w = glass.shape
+        k = 64 / max(h, w)
+        small = (max(1, round(w * k)), max(1, round(h * k)))
+        weight = cv2.resize(glass.astype(np.float32), small, interpolation=cv2.INTER_AREA)
+        total = cv2.resize(self.grey * glass, small, interpolation=cv2.INTER_AREA)
+        weight, total = (cv2.GaussianBlur(a, (0, 0), 8.0) for a in (weight, total))
+        level = np.where(weight > 1e-3, total / np.maximum(weight, 1e-6), 0.0)
+        level[weight <= 1e-3] = float(np.median(self.grey[glass]))
+        return cv2.resize(level.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+    def saturation_floor(self, min_saturation: float) -> float:
+        """The least saturation tissue may have: ``min_saturation``, lowered to 3x the median
+        saturation of the glass when that is very grey (down to 40 % of ``min_saturation``),
+        so that faded tissue on clean glass is kept."""
+        glass = self.saturation[self.background(min_saturation)]
+        if glass.size < max(16, self.saturation.size // 200):
+            return min_saturation
+        return float(np.clip(3.0 * np.median(glass), 0.4 * min_saturation, min_saturation))
+
 
 def pixel_features(
     rgb: np.ndarray, sigma_px: float, min_value: float, drop_ink: bool = True
@@ -71,14 +101,19 @@ def pixel_features(
     chroma = hi - lo
     value = hi / 255.0
     saturation = np.where(hi > 0, chroma / np.maximum(hi, 1e-6), 0.0).astype(np.float32)
-    never = value < min_value
-    for v, sat in BLACKISH:
-        never |= (value < v) & (saturation < sat)
+    never = (value < min_value) | ((value < BLACKISH[0]) & (saturation < BLACKISH[1]))
     if drop_ink:
         hue = _hue(f, hi, chroma)
         never |= (hue > INK_HUE[0]) & (hue < INK_HUE[1]) & (saturation >= INK_MIN_SATURATION)
+    grey = f @ GREY
+    first = PixelFeatures(grey, chroma, saturation, value.astype(np.float32), ~never)
+    # much darker than the glass around them but hardly coloured: grey-black ink, thin or
+    # faded (tissue that dark is clearly coloured)
+    min_dark, ratio = GREYISH
+    dark = first.glass_grey(GLASS_SATURATION) - grey
+    never |= (dark > min_dark) & (chroma < ratio * dark)
     plausible = ~_grow(never, 2.0 * sigma_px)  # and their blurred rims
-    return PixelFeatures(f @ GREY, chroma, saturation, value.astype(np.float32), plausible)
+    return PixelFeatures(grey, chroma, saturation, value.astype(np.float32), plausible)
 
 
 def _grow(binary: np.ndarray, radius_px: float) -> np.ndarray:
@@ -123,9 +158,13 @@ def otsu_thresholds(
 
 
 def hysteresis(score: np.ndarray, thresholds: tuple[float, float], ring_px: float) -> np.ndarray:
-    """Pixels above the first (Otsu's) threshold, plus faint ones above the second that lie
-    more than ``ring_px`` from them: faint tissue on its own is kept, while the blurred rim
-    of ordinary tissue (which is faint too) does not widen the mask."""
+    """Pixels above the first (Otsu's) threshold, plus faint ones above the second.
+
+    Faint pixels within ``ring_px`` of ordinary tissue are the blurred rim of that tissue (which
+    is faint too) unless they continue faint tissue from farther away: faint pixels beyond the
+    ring are kept and grown back into it, through faint pixels, by ``ring_px``. So faint tissue
+    is kept whole, also beside ordinary tissue, while rims do not widen the mask.
+    """
     import cv2
 
     strong = score > thresholds[0]
@@ -133,6 +172,8 @@ def hysteresis(score: np.ndarray, thresholds: tuple[float, float], ring_px: floa
     r = int(round(ring_px))
     if r < 1 or not strong.any():
         return strong | faint
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    near = cv2.dilate(strong.astype(np.uint8), disk).astype(bool)
-    return strong | (faint & ~near)
+    keep = (faint & ~_grow(strong, r)).astype(np.uint8)
+    faint8, cross = faint.astype(np.uint8), np.ones((3, 3), np.uint8)
+    for _ in range(r):  # geodesic dilation inside the faint pixels
+        keep = cv2.dilate(keep, cross) & faint8
+    return strong | keep.astype(bool)
