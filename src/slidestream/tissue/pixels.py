@@ -90,30 +90,31 @@ def pixel_features(
     ``min_value`` (0-1) is the darkest brightest-channel value a tissue pixel may have;
     ``drop_ink=False`` keeps ink-coloured pixels (e.g. for IHC, whose counterstain is blue).
     """
-    from slidestream.tissue.base import gaussian_blur
+    import cv2
 
-    f = rgb[..., :3].astype(np.float32)
-    if sigma_px > 0.3:
-        f = np.stack(
-            [gaussian_blur(np.ascontiguousarray(f[..., k]), sigma_px) for k in range(3)], -1
-        )
-    hi, lo = f.max(axis=2), f.min(axis=2)
+    f = np.ascontiguousarray(rgb[..., :3], dtype=np.float32)
+    if sigma_px > 0.3:  # the kernel of scipy.ndimage.gaussian_filter, edges repeated
+        k = 2 * int(4.0 * sigma_px + 0.5) + 1
+        f = cv2.GaussianBlur(f, (k, k), sigma_px, sigmaY=sigma_px, borderType=cv2.BORDER_REPLICATE)
+    r, g, b = cv2.split(f)
+    hi, lo = cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)
     chroma = hi - lo
-    value = hi / 255.0
-    saturation = np.where(hi > 0, chroma / np.maximum(hi, 1e-6), 0.0).astype(np.float32)
+    value = hi * np.float32(1 / 255)
+    saturation = chroma / np.maximum(hi, np.float32(1e-6))
     never = (value < min_value) | ((value < BLACKISH[0]) & (saturation < BLACKISH[1]))
-    if drop_ink:
-        hue = _hue(f, hi, chroma)
-        never |= (hue > INK_HUE[0]) & (hue < INK_HUE[1]) & (saturation >= INK_MIN_SATURATION)
-    grey = f @ GREY
-    first = PixelFeatures(grey, chroma, saturation, value.astype(np.float32), ~never)
+    if drop_ink:  # hue from 8-bit HSV (0-255 for 0-360 degrees): 1.4 degree steps suffice
+        hue = cv2.cvtColor(f.astype(np.uint8), cv2.COLOR_RGB2HSV_FULL)[..., 0]
+        lo_h, hi_h = (round(h * 256 / 360) for h in INK_HUE)
+        never |= (hue > lo_h) & (hue < hi_h) & (saturation >= INK_MIN_SATURATION)
+    grey = r * GREY[0] + g * GREY[1] + b * GREY[2]
+    first = PixelFeatures(grey, chroma, saturation, value, ~never)
     # much darker than the glass around them but hardly coloured: grey-black ink, thin or
     # faded (tissue that dark is clearly coloured)
     min_dark, ratio = GREYISH
     dark = first.glass_grey(GLASS_SATURATION) - grey
     never |= (dark > min_dark) & (chroma < ratio * dark)
     plausible = ~_grow(never, 2.0 * sigma_px)  # and their blurred rims
-    return PixelFeatures(grey, chroma, saturation, value.astype(np.float32), plausible)
+    return PixelFeatures(grey, chroma, saturation, value, plausible)
 
 
 def _grow(binary: np.ndarray, radius_px: float) -> np.ndarray:
@@ -127,16 +128,6 @@ def _grow(binary: np.ndarray, radius_px: float) -> np.ndarray:
     return cv2.dilate(binary.astype(np.uint8), disk).astype(bool)
 
 
-def _hue(f: np.ndarray, hi: np.ndarray, chroma: np.ndarray) -> np.ndarray:
-    """HSV hue in degrees [0, 360) of a float (H, W, 3) RGB image (0 where chroma is 0)."""
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    c = np.maximum(chroma, 1e-6)
-    h = np.where(
-        hi == r, np.mod((g - b) / c, 6.0), np.where(hi == g, (b - r) / c + 2.0, (r - g) / c + 4.0)
-    )
-    return (60.0 * h).astype(np.float32)
-
-
 def otsu_thresholds(
     score: np.ndarray, background: np.ndarray | None, margin: float, floor: float
 ) -> tuple[float, float]:
@@ -148,6 +139,7 @@ def otsu_thresholds(
     """
     from skimage.filters import threshold_otsu
 
+    score, background = _sample(score), None if background is None else _sample(background)
     thr = float(threshold_otsu(score)) if np.ptp(score) > 0 else float(score[0])
     faint = thr
     if background is None:
@@ -177,3 +169,9 @@ def hysteresis(score: np.ndarray, thresholds: tuple[float, float], ring_px: floa
     for _ in range(r):  # geodesic dilation inside the faint pixels
         keep = cv2.dilate(keep, cross) & faint8
     return strong | keep.astype(bool)
+
+
+def _sample(values: np.ndarray, most: int = 1 << 20) -> np.ndarray:
+    """At most ``most`` of ``values`` (1-D), evenly strided: thresholds and medians of a few
+    million pixels do not need them all."""
+    return values[:: -(-values.size // most)] if values.size > most else values
