@@ -21,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", metavar="PATH_OR_DIR", help="slides, folders or globs")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--method", default="otsu", choices=["otsu", "hsv"], help="detector (otsu)")
+    p.add_argument(
+        "--method",
+        default="otsu",
+        choices=["otsu", "hsv"],
+        help="detector: otsu (default; darker or more coloured than the glass) or hsv "
+        "(more saturated); both drop black or near-black areas, blue/green/black ink and "
+        "grey glass, and keep faint pale tissue",
+    )
     p.add_argument("--mask-mpp", type=float, default=8.0, help="µm per mask pixel (8)")
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (1)")

@@ -58,7 +58,8 @@ def detect_tissue(
     """Detect tissue on a low-resolution image of ``slide``.
 
     With ``cache_dir`` the mask is stored there as ``<stem>.<key>.tissue.png`` + ``.json`` and
-    reused while the slide file, its mpp, the method and its parameters are unchanged.
+    reused while the slide file, its mpp, the method and its parameters are unchanged. A mask
+    with less than ``NEAR_EMPTY`` tissue (computed or cached) is named in a warning.
     """
     detector = method if isinstance(method, TissueDetector) else create_detector(method, **params)
     mask = _detect_or_load(slide, detector, cache_dir)
