@@ -77,4 +77,5 @@ def test_tissue_fraction_of_real_svs_is_plausible(shared_data):
         mask = detect_tissue(s, method)
         assert 0.25 < mask.fraction < 0.55, method
         x, y, w, h = mask.bbox()
-        assert 300 < x < 700 and w > 1000 and h > 2500  # the skin section in the middle
+        # the skin section in the middle, and a faint strand of it reaching the left edge
+        assert x < 700 and w > 1000 and h > 2500

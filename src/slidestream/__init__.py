@@ -10,6 +10,9 @@ from slidestream.errors import (
     MissingMppError as MissingMppError,
 )
 from slidestream.errors import (
+    NoPatchesError as NoPatchesError,
+)
+from slidestream.errors import (
     SlideOpenError as SlideOpenError,
 )
 from slidestream.errors import (

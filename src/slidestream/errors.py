@@ -13,6 +13,7 @@ __all__ = [
     "BackendUnavailableError",
     "ConfigError",
     "StreamingError",
+    "NoPatchesError",
 ]
 
 
@@ -42,3 +43,16 @@ class ConfigError(SlideStreamError, ValueError):
 
 class StreamingError(SlideStreamError, ValueError):
     """A network or geometry cannot be streamed exactly (the message names the module and the fix)."""
+
+
+class NoPatchesError(SlideStreamError):
+    """No slide of a cohort gave a single patch (blank slides, empty tissue masks, ``min_tissue``
+    too high, or patches larger than the tissue at the requested mpp); the message names them."""
+
+    def __init__(self, message: str = "") -> None:
+        # a DataLoader re-raises a worker's error with the worker's traceback as its message:
+        # keep the one line the worker raised
+        marker = f"{__name__}.{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)

@@ -109,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
             f"{sum(build.damaged.values())} unreadable patch regions left out in "
             f"{len(build.damaged)} slides (listed above and in the database's damaged_regions)"
         )
+    empty = build.empty
+    if empty:
+        names = ", ".join(Path(p).name for p in empty[:10]) + (" ..." if len(empty) > 10 else "")
+        print(f"{len(empty)} slides gave no patches (blank or too little tissue): {names}")
     if build.skipped:
         print(f"{build.skipped} slides (or tile blocks) already in the database were skipped")
     return 1 if build.failures else 0

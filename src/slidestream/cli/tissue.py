@@ -21,7 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("paths", nargs="+", metavar="PATH_OR_DIR", help="slides, folders or globs")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--method", default="otsu", choices=["otsu", "hsv"], help="detector (otsu)")
+    p.add_argument(
+        "--method",
+        default="otsu",
+        choices=["otsu", "hsv"],
+        help="detector: otsu (default; darker or more coloured than the glass) or hsv "
+        "(more saturated); both drop black or near-black areas, blue/green/black ink and "
+        "grey glass, and keep faint pale tissue",
+    )
     p.add_argument("--mask-mpp", type=float, default=8.0, help="µm per mask pixel (8)")
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (1)")
@@ -113,10 +120,23 @@ def _print_summary(rows: list[dict[str, Any]], out: Path) -> None:
             table.add_row(Path(r["slide"]).name, "-", "-", "-", "[red]failed[/red]")
         else:
             mpp = f"{r['mask_mpp']:.3g}" if r["mask_mpp"] else "-"
+            status = "[yellow]no tissue[/yellow]" if _near_empty(r) else "ok"
             table.add_row(
-                Path(r["slide"]).name, r["backend"], f"{100 * r['fraction']:.1f}%", mpp, "ok"
+                Path(r["slide"]).name, r["backend"], f"{100 * r['fraction']:.1f}%", mpp, status
             )
     ok = sum("error" not in r for r in rows)
     console = Console(width=120, stderr=False)
     console.print(table)
     console.print(f"{ok} of {len(rows)} slides done; masks and QC images in {out}")
+    empty = [Path(r["slide"]).name for r in rows if _near_empty(r)]
+    if empty:
+        console.print(
+            f"{len(empty)} slide(s) with an empty or near-empty tissue mask: {', '.join(empty)} "
+            "(blank slide? else try --method hsv, or check the QC images)"
+        )
+
+
+def _near_empty(row: dict[str, Any]) -> bool:
+    from slidestream.tissue import NEAR_EMPTY
+
+    return "error" not in row and row["fraction"] < NEAR_EMPTY

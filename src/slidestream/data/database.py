@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from slidestream.data.hdf5 import PatchDatabaseWriter
+from slidestream.data.nopatches import no_patches_error, warn_empty_slide
 from slidestream.errors import ConfigError, SlideReadError, SlideStreamError
 from slidestream.io import open_slide
 from slidestream.parallel import exclusive_lock
@@ -45,6 +46,7 @@ class DatabaseBuild:
     failures: list[str] = field(default_factory=list)
     skipped: int = 0
     damaged: dict[str, int] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)  # slides that gave no patch
 
 
 def split_paths(out: str | os.PathLike[str], splits: list[str]) -> dict[str, Path]:
@@ -110,6 +112,8 @@ def build_patch_databases(
             finally:
                 writer.close()
     bar.close()
+    if build.empty and not build.skipped and not sum(build.patches.values()):
+        raise no_patches_error(build.empty, sampler, failed=len(build.failures))
     return build
 
 
@@ -134,7 +138,10 @@ def _write_group(
         damaged: Counter[str] = Counter()
         try:
             patches = _slide_patches(entry, *args, rng, damaged)
-            build.patches[name] += writer.add_slide(key, entry.patient_id, patches, damaged)
+            added = writer.add_slide(key, entry.patient_id, patches, damaged)
+            build.patches[name] += added
+            if not added:
+                build.empty.append(key)
         except SlideStreamError as exc:
             build.failures.append(failure_message(entry.path, exc))
             log.info("skipping %s: %s", entry.path, exc)
@@ -208,6 +215,8 @@ def _slide_patches(
             loc.y,
             mpp,
         )
+    if not count:
+        warn_empty_slide(entry.path, mask, sampler)
 
 
 def tile_folder_entries(root: str | os.PathLike[str]) -> tuple[list[tuple[Path, str]], list[str]]:

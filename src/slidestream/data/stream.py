@@ -24,10 +24,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from slidestream.data.functional import to_chw
+from slidestream.data.nopatches import no_patches_error, warn_empty_slide
+from slidestream.data.stream_setup import _warm_imports, prepare_masks
+from slidestream.data.stream_setup import default_mask_dir as default_mask_dir
 from slidestream.data.transforms import split_hwc
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
-from slidestream.parallel import process_pool
 from slidestream.sampling import (
     Annotations,
     AnnotationSampler,
@@ -45,14 +47,8 @@ __all__ = ["PatchStream", "default_mask_dir"]
 
 log = logging.getLogger(__name__)
 
-_PATCHES, _OPENED, _FAILED, _DROPPED = range(4)
+_PATCHES, _OPENED, _FAILED, _DROPPED, _EMPTY = range(5)
 _MASKS_KEPT = 64  # tissue masks (and closed slides) kept in memory per worker
-
-
-def default_mask_dir() -> Path:
-    """Where masks are cached when no ``mask_dir`` is given (``$SLIDESTREAM_CACHE/masks``)."""
-    root = os.environ.get("SLIDESTREAM_CACHE") or Path.home() / ".cache" / "slidestream"
-    return Path(root) / "masks"
 
 
 @dataclass
@@ -80,6 +76,9 @@ class PatchStream(IterableDataset):
     the probabilities of ``balance`` (``None``, ``"balanced"`` or ``{label: weight}``); an integer
     gives a finite epoch with that many patches per slide (fewer if a slide runs dry).
     A slide whose opening or reading fails ``max_failures`` times is logged, counted and dropped.
+    A slide that gives no patch location (blank, empty mask, ``min_tissue`` too high) is named in
+    a warning and counted (``stats()["slides_empty"]``); when no slide gives any patch,
+    iteration raises :class:`~slidestream.errors.NoPatchesError` naming them.
     """
 
     def __init__(
@@ -127,7 +126,7 @@ class PatchStream(IterableDataset):
         self.epoch = 0
         self.classes = self._classes()
         slide_weights([s.label for s in self.cohort], balance)  # validate early
-        self._counters = mp.get_context().Array("q", 4)
+        self._counters = mp.get_context().Array("q", 5)
         _warm_imports()
 
     # ----------------------------------------------------------------- public helpers
@@ -136,36 +135,21 @@ class PatchStream(IterableDataset):
         self.epoch = int(epoch)
 
     def stats(self) -> dict[str, int]:
-        """Counts summed over all workers so far: patches, slides opened, failures, drops."""
+        """Counts summed over all workers so far: patches, slides opened, failures, drops, and
+        slides that gave no patch location (``slides_empty``, once per slide and pass)."""
         c = self._counters
         return {
             "patches": c[_PATCHES],
             "slides_opened": c[_OPENED],
             "slide_failures": c[_FAILED],
             "slides_dropped": c[_DROPPED],
+            "slides_empty": c[_EMPTY],
         }
 
     def prepare(self, workers: int = 2) -> list[str]:
         """Make (or load) every slide's tissue mask now, in parallel processes; returns the
         slides that failed, which are then left out of the stream."""
-
-        from tqdm import tqdm
-
-        args = [(e, self.backend, self.tissue, str(self.mask_dir)) for e in self.cohort]
-        failed = []
-        with process_pool(workers) as pool:
-            results = pool.map(_mask_job, *zip(*args, strict=True))
-            for entry, err in tqdm(
-                zip(self.cohort, results, strict=True),
-                total=len(args),
-                desc="tissue masks",
-                unit="slide",
-            ):
-                if err:
-                    failed.append(f"{entry.path}: {err}")
-        self.cohort = self.cohort.without(Path(f.split(": ", 1)[0]) for f in failed)
-        self.cohort.problems.extend(failed)
-        return failed
+        return prepare_masks(self, workers)
 
     # ----------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -274,6 +258,8 @@ class _Run:
         # samplers without replacement: where each evicted slide's locations stopped, so a
         # slide that comes back goes on instead of repeating (compact location arrays)
         self.paused: dict[int, Iterator[PatchLocation]] = {}
+        self.yielded: set[int] = set()  # slides that gave at least one patch in this pass
+        self.empty: list[int] = []  # slides that gave no patch location at all
 
     def endless(self, indices: list[int]) -> Iterator[dict[str, Any]]:
         """Visit slides drawn by weight; the open ones stay in an LRU pool of ``pool_size``."""
@@ -288,6 +274,7 @@ class _Run:
                 old = self.states.pop(index, None)
                 if old is not None:
                     old.slide.close()
+        self.check_any()
 
     def finite(self, indices: list[int]) -> Iterator[dict[str, Any]]:
         st = self.stream
@@ -305,6 +292,7 @@ class _Run:
                 old = self.states.pop(i, None)
                 if old is not None:
                     old.slide.close()
+        self.check_any()
 
     def visit(self, index: int, n: int) -> Iterator[dict[str, Any]]:
         """Up to ``n`` patches of one slide; returns (slide finished or dropped, patches)."""
@@ -314,12 +302,15 @@ class _Run:
         for count in range(n):
             loc = next(state.locations, None)
             if loc is None:
+                if index not in self.yielded:
+                    self.report_empty(state)
                 return True, count
             try:
                 item = self.stream._item(state, loc, self.rng)
             except SlideStreamError as exc:
                 return self.fail(index, exc), count
             state.emitted += 1
+            self.yielded.add(index)
             self.stream._counters[_PATCHES] += 1
             yield item
         return False, n
@@ -359,6 +350,28 @@ class _Run:
                 self.paused[old_index] = old.locations
         return state
 
+    def report_empty(self, state: _SlideState) -> None:
+        """Name and count a slide that gave no patch location."""
+        st = self.stream
+        warn_empty_slide(state.entry.path, state.mask, st.sampler)
+        self.empty.append(state.index)
+        with st._counters.get_lock():
+            st._counters[_EMPTY] += 1
+
+    def check_any(self) -> None:
+        """At the end of a pass that gave nothing: raise when no worker's slides gave a patch
+        (every slide of the cohort is empty or dropped, counted over all workers)."""
+        st = self.stream
+        if self.yielded:
+            return
+        with st._counters.get_lock():
+            c = st._counters
+            done = c[_EMPTY] + c[_DROPPED] >= len(st.cohort) and c[_PATCHES] == 0
+        if done:
+            dropped = [i for i, n in self.failures.items() if n >= st.max_failures]
+            names = [st.cohort.slides[i].path for i in self.empty]
+            raise no_patches_error(names, st.sampler, total=len(st.cohort), failed=len(dropped))
+
     def fail(self, index: int, exc: Exception) -> bool:
         """Count a failure of slide ``index``; True when it is dropped."""
         st, entry = self.stream, self.stream.cohort.slides[index]
@@ -375,24 +388,3 @@ class _Run:
             if old is not None:
                 old.slide.close()
         return dropped
-
-
-def _warm_imports() -> None:
-    """Import what workers need lazily now, so forked DataLoader workers inherit it instead of
-    each importing the readers, scikit-image and SciPy before their first patch."""
-    import contextlib
-    import importlib
-
-    names = "scipy.ndimage skimage.color skimage.filters skimage.morphology tifffile tiffslide"
-    for name in [*names.split(), "pyvips", "openslide"]:
-        with contextlib.suppress(ImportError, OSError):  # a missing optional reader is fine
-            importlib.import_module(name)
-
-
-def _mask_job(entry: SlideEntry, backend: str, tissue: Any, mask_dir: str) -> str:
-    try:
-        with open_slide(entry.path, backend=backend, mpp=entry.mpp) as slide:
-            detect_tissue(slide, tissue, cache_dir=mask_dir)
-    except SlideStreamError as exc:
-        return " ".join(str(exc).split())
-    return ""

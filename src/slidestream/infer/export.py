@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from slidestream.errors import ConfigError
+
 __all__ = ["tiles_geojson", "contours_geojson", "write_geojson", "write_tiles_csv"]
 
 _COLORS = [(220, 50, 32), (0, 114, 178), (0, 158, 115), (230, 159, 0), (204, 121, 167)]
@@ -70,14 +72,20 @@ def contours_geojson(
 ) -> dict[str, Any]:
     """Merged outlines (with holes) of grid cells whose probability is >= ``threshold``.
 
-    ``grid`` is (rows, cols) of probabilities (NaN = no tile); ``origin_step`` is
+    ``grid`` is (rows, cols) of probabilities, NaN where no tile was predicted: such cells are
+    never inside a contour, whatever the threshold (0 included); ``origin_step`` is
     (x0, y0, step_x, step_y) in level-0 pixels: cell (r, c) covers
-    [x0 + c*step_x, x0 + (c+1)*step_x) x [y0 + r*step_y, ...).
+    [x0 + c*step_x, x0 + (c+1)*step_x) x [y0 + r*step_y, ...). Each feature's ``tiles`` counts
+    the predicted cells inside it (holes, and islands within holes, excluded) and
+    ``probability`` is their mean.
     """
     from skimage.measure import find_contours, points_in_poly
 
+    if not np.isfinite(threshold):
+        raise ConfigError(f"contour threshold must be a number, got {threshold}")
     x0, y0, step_x, step_y = origin_step
-    above = np.nan_to_num(grid, nan=0.0) >= threshold
+    grid = np.asarray(grid, np.float64)
+    above = np.isfinite(grid) & (np.nan_to_num(grid, nan=-np.inf) >= threshold)
     padded = np.pad(above.astype(float), 1)
     # with 'high' orientation, outer boundaries and holes wind in opposite directions: the
     # shoelace area (x = col, y = row) is negative for outer rings, positive for holes
@@ -89,22 +97,46 @@ def contours_geojson(
     feats = []
     for ring in outer:
         inside = [h for h in holes if points_in_poly(h[:1, ::-1], ring[:, ::-1])[0]]
-        mask_cells = _cells_in(ring, above)
-        prob = float(np.nanmean(np.where(mask_cells, grid, np.nan))) if mask_cells.any() else 0.0
+        # a hole of an island nested in this ring's hole lies inside both: keep the direct ones
+        inside = [h for h in inside if not _nested_in_other(h, inside, outer, ring)]
+        cells = _cells_in(ring, inside, above)
+        prob = float(grid[cells].mean()) if cells.any() else 0.0
         coords = [_to_level0(r, x0, y0, step_x, step_y) for r in [ring, *inside]]
         feats.append(
-            _feature(coords, name, color, {"probability": prob, "tiles": int(mask_cells.sum())})
+            _feature(coords, name, color, {"probability": prob, "tiles": int(cells.sum())})
         )
     return {"type": "FeatureCollection", "features": feats}
 
 
-def _cells_in(ring: np.ndarray, above: np.ndarray) -> np.ndarray:
+def _inside(points: np.ndarray, ring: np.ndarray) -> np.ndarray:
     from skimage.measure import points_in_poly
 
+    return points_in_poly(points, ring[:, ::-1])
+
+
+def _nested_in_other(
+    hole: np.ndarray, holes: list[np.ndarray], outer: list[np.ndarray], ring: np.ndarray
+) -> bool:
+    """True when ``hole`` lies inside an island (another outer ring) that itself lies in one of
+    ``holes``: it belongs to that island, not to ``ring``."""
+    p = hole[:1, ::-1]
+    for island in outer:
+        if island is ring or not _inside(p, island)[0]:
+            continue
+        if any(_inside(island[:1, ::-1], h)[0] for h in holes if h is not hole):
+            return True
+    return False
+
+
+def _cells_in(ring: np.ndarray, holes: list[np.ndarray], above: np.ndarray) -> np.ndarray:
+    """Cells of ``above`` inside ``ring`` and outside all of ``holes``."""
     rr, cc = np.nonzero(above)
-    inside = points_in_poly(np.stack([cc, rr], 1).astype(float), ring[:, ::-1])
+    pts = np.stack([cc, rr], 1).astype(float)
+    keep = _inside(pts, ring)
+    for hole in holes:
+        keep &= ~_inside(pts, hole)
     out = np.zeros_like(above)
-    out[rr[inside], cc[inside]] = True
+    out[rr[keep], cc[keep]] = True
     return out
 
 

@@ -19,6 +19,7 @@ from slidestream.tissue.otsu import OtsuDetector as OtsuDetector
 
 __all__ = [
     "DETECTORS",
+    "NEAR_EMPTY",
     "TissueDetector",
     "TissueMask",
     "OtsuDetector",
@@ -26,9 +27,13 @@ __all__ = [
     "create_detector",
     "detect_tissue",
     "qc_overlay",
+    "warn_if_near_empty",
 ]
 
 log = logging.getLogger(__name__)
+
+NEAR_EMPTY = 0.001  # tissue fraction of the slide area below which a mask is near-empty
+_WARNED: set[tuple[str, str, float]] = set()
 
 DETECTORS: dict[str, type[TissueDetector]] = {"otsu": OtsuDetector, "hsv": HSVDetector}
 
@@ -53,9 +58,40 @@ def detect_tissue(
     """Detect tissue on a low-resolution image of ``slide``.
 
     With ``cache_dir`` the mask is stored there as ``<stem>.<key>.tissue.png`` + ``.json`` and
-    reused while the slide file, its mpp, the method and its parameters are unchanged.
+    reused while the slide file, its mpp, the method and its parameters are unchanged. A mask
+    with less than ``NEAR_EMPTY`` tissue (computed or cached) is named in a warning.
     """
     detector = method if isinstance(method, TissueDetector) else create_detector(method, **params)
+    mask = _detect_or_load(slide, detector, cache_dir)
+    warn_if_near_empty(mask, slide.path)
+    return mask
+
+
+def warn_if_near_empty(mask: TissueMask, path: str | os.PathLike[str]) -> bool:
+    """Log a warning naming ``path`` when ``mask`` covers less than ``NEAR_EMPTY`` of the slide
+    (once per slide, method and fraction in this process); True when it does."""
+    if mask.fraction >= NEAR_EMPTY:
+        return False
+    key = (str(path), mask.method, round(mask.fraction, 6))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        other = "hsv" if mask.method == "otsu" else "otsu"
+        what = "no tissue" if mask.is_empty else f"only {100 * mask.fraction:.3f}% tissue"
+        log.warning(
+            "%s: %s found by tissue method %r, so it gives few or no patches; check that the "
+            "slide is not blank or all background, or try method %r (--method %s)",
+            path,
+            what,
+            mask.method,
+            other,
+            other,
+        )
+    return True
+
+
+def _detect_or_load(
+    slide: Slide, detector: TissueDetector, cache_dir: str | os.PathLike[str] | None
+) -> TissueMask:
     if cache_dir is None:
         return detector.detect(slide)
     path = Path(cache_dir) / f"{slide.path.stem}.{_cache_key(slide, detector)}.tissue.png"

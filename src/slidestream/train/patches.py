@@ -24,7 +24,7 @@ from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD
 from slidestream.data.hdf5 import PatchDatabase
 from slidestream.data.loader import OneThread
 from slidestream.data.preview import patch_grid
-from slidestream.errors import ConfigError
+from slidestream.errors import ConfigError, NoPatchesError
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import RandomPatchSampler, load_cohort
 from slidestream.train.config import config_dict
@@ -69,6 +69,11 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
             raise ConfigError(
                 f"{cfg.data} has no classes: build it from a cohort CSV with a "
                 f"label column, --labels annotations, or --tiles class folders"
+            )
+        if not len(train):
+            raise NoPatchesError(
+                f"{cfg.data} holds no patches: rebuild it (slidestream patches names the slides "
+                f"that gave none), e.g. with a lower --min-tissue, after checking tissue masks"
             )
         counts = [train.class_counts.get(c, 0) for c in train.classes]
         return _Data(
@@ -186,7 +191,10 @@ class PatchTask(Task):
             self._it = iter(self.train_loader)
             batch = next(self._it, None)
         if batch is None:
-            raise ConfigError(f"{self.cfg.data} gave no training patches")
+            raise NoPatchesError(
+                f"no training batch from {self.cfg.data}: it holds no patches (or fewer than "
+                "one batch); for a cohort, check the slides' tissue masks, min_tissue and mpp"
+            )
         return batch
 
     def loss(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
