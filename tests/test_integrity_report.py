@@ -55,6 +55,7 @@ ATTRS = {
     "span": {"class"},
     "div": {"class"},
     "meta": {"charset"},
+    "figure": {"class"},
 }
 
 

@@ -79,9 +79,9 @@ def _fmt(v: Any) -> str:
 
 _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1250px;color:#222}table{border-collapse:"
-    "collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-    "img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0;max-width:48%;"
-    "vertical-align:top}figcaption{font-size:85%;color:#555}.slides{display:grid;"
+    "collapse;margin:1em 0;display:block;overflow-x:auto}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0;max-width:31%;"
+    "vertical-align:top}figure.wide{max-width:100%;display:block}figcaption{font-size:85%;color:#555}.slides{display:grid;"
     "grid-template-columns:1fr 1.2fr 1fr;gap:10px;align-items:start}.ok{color:#080}"
     ".bad{color:#b00}.unknown{color:#777}small{color:#555}"
 )
@@ -148,11 +148,12 @@ def _about_section(root: Path, about: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _figure(src: Path, dst_dir: Path, root: Path, caption: str) -> str:
+def _figure(src: Path, dst_dir: Path, root: Path, caption: str, wide: bool = False) -> str:
     """A copied picture with a caption naming its source file."""
     where = html.escape(str(src.relative_to(root)) if root in src.parents else str(src))
+    tag = "<figure class='wide'>" if wide else "<figure>"
     return (
-        f"<figure>{_img(src, dst_dir, caption)}<figcaption>{html.escape(caption)} "
+        f"{tag}{_img(src, dst_dir, caption)}<figcaption>{html.escape(caption)} "
         f"<small>(from <code>{where}</code>)</small></figcaption></figure>"
     )
 
@@ -250,7 +251,7 @@ def _run_section(root: Path, run: Path, img: Path) -> str:
     }
     for file, caption in captions.items():
         if (run / file).exists():
-            parts.append(_figure(run / file, img, root, caption))
+            parts.append(_figure(run / file, img, root, caption, wide=file == "curves.png"))
     grids = sorted(run.glob("val_grid_epoch*.png"), key=lambda q: int(q.stem[14:] or 0))
     if grids:
         parts.append(_figure(grids[-1], img, root, "validation patches, true vs predicted class"))

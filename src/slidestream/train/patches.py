@@ -247,7 +247,8 @@ class PatchTask(Task):
             "mpp": self.data.mpp,
             "patch_size": self.data.size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "config": config_dict(self.cfg),
+            # a database carries its own patch size and mpp; the config's are for streams
+            "config": {**config_dict(self.cfg), "size": self.data.size, "mpp": self.data.mpp},
         }
 
     def fingerprint(self) -> dict[str, Any]:
