@@ -64,7 +64,7 @@ def test_cli_tissue_flags_blank_slides(blanks, slides, tmp_path, capsys, caplog,
     monkeypatch.setattr(slidestream.tissue, "_WARNED", set())
     paths = [str(p) for p in blanks[0]]
     with caplog.at_level(logging.WARNING):
-        code = main(["tissue", *paths, "--mpp", "0.5", "--out", str(tmp_path / "t")])
+        code = main(["tissue", *paths, "--slide-mpp", "0.5", "--out", str(tmp_path / "t")])
     out = capsys.readouterr().out
     assert code == 0 and "no tissue" in out
     assert "2 slide(s) with an empty or near-empty tissue mask: glass.png, black.png" in out

@@ -57,7 +57,7 @@ def test_info_json(slides, capsys):
 
 
 def test_info_png_with_mpp_and_table(slides, capsys):
-    assert main(["info", "--json", "--mpp", "0.25", str(slides["png"])]) == 0
+    assert main(["info", "--json", "--slide-mpp", "0.25", str(slides["png"])]) == 0
     assert json.loads(capsys.readouterr().out)["mpp_x"] == 0.25
     assert main(["info", str(slides["png"])]) == 0
     assert "unknown" in capsys.readouterr().out
@@ -151,3 +151,22 @@ def test_patches_preview(slides, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_every_option_of_every_command_explains_itself():
+    """Each option's help says what it means, not only its default (issue #16)."""
+    import argparse
+
+    from slidestream.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = []
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = (action.help or "").strip()
+            if len(text) < 12 or text.startswith("default:") or text.startswith("(default"):
+                bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not bare, f"options without a meaning: {bare}"

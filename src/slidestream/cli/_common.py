@@ -35,13 +35,9 @@ def add_backend_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_slide_options(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--slide-mpp`` (in every command ``--mpp`` is an output resolution)."""
     add_backend_option(parser)
-    parser.add_argument(
-        "--mpp",
-        type=positive_float,
-        default=None,
-        help="microns per pixel of level 0, overriding (or supplying) the file's",
-    )
+    add_slide_mpp_option(parser)
 
 
 def add_slide_mpp_option(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=512, help="tile size in px (default 512)")
     p.add_argument("--dtype", choices=_DTYPES, default="float64", help="default float64")
     p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and input (0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)

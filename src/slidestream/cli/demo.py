@@ -15,7 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and a patch classifier, predict held-out slides and write "
         "DIR/report/index.html.",
     )
-    p.add_argument("--out", type=Path, default=Path("demo_out"), metavar="DIR")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        metavar="DIR",
+        help="folder for everything the demo writes; the report is DIR/report/index.html "
+        "(default: demo_out)",
+    )
     p.add_argument("--fast", action="store_true", help="smaller cohort (about 2 minutes)")
     p.add_argument("--workers", type=int, default=2, help="processes for slide preparation")
     p.set_defaults(func=run)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for path in find_slides(args.paths):
         try:
-            with open_slide(path, backend=args.backend, mpp=args.mpp) as slide:
+            with open_slide(path, backend=args.backend, mpp=args.slide_mpp) as slide:
                 info = slide.info
         except SlideStreamError as exc:
             error_line("info", str(exc))
@@ -65,7 +65,7 @@ def _print_table(rows: list) -> None:
 
     table = Table("slide", "size (px)", "levels", "mpp (µm/px)", "vendor", "backend")
     for r in rows:
-        mpp = f"{r.mpp_x:.4g} x {r.mpp_y:.4g}" if r.mpp_x else "unknown (give --mpp)"
+        mpp = f"{r.mpp_x:.4g} x {r.mpp_y:.4g}" if r.mpp_x else "unknown (give --slide-mpp)"
         table.add_row(
             Path(r.path).name,
             f"{r.width} x {r.height}",

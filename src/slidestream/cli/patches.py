@@ -29,22 +29,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cohort CSV/TSV, slides, folders of slides, or (with --tiles) a folder "
         "of class folders of tile images",
     )
-    p.add_argument("--out", type=Path, required=True, metavar="DB.h5")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DB.h5",
+        help="database file; with --split, one file per split (DB.train.h5, ...)",
+    )
     p.add_argument("--mpp", type=positive_float, help="µm per pixel of the patches")
     p.add_argument("--size", type=int, default=256, help="patch size in pixels (256)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--grid", type=int, metavar="STRIDE", help="grid patches, stride in pixels")
     mode.add_argument("--random", type=int, metavar="N", help="N random patches per slide")
     p.add_argument("--split", default=None, help="e.g. train=0.7,val=0.15,test=0.15")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and splits (0)")
     p.add_argument(
         "--labels",
         choices=["slide", "annotations"],
         default="slide",
         help="slide label, or the class of the GeoJSON polygon under each patch",
     )
-    p.add_argument("--min-tissue", type=float, default=0.5)
-    p.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="minimum tissue fraction of a patch, 0-1 (default: 0.5)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["gzip", "lzf", "none"],
+        default="gzip",
+        help="HDF5 compression of the images: gzip (smaller), lzf (faster), none (default: gzip)",
+    )
     p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
     add_backend_option(p)
     add_slide_mpp_option(p)

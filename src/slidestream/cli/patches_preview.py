@@ -28,10 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=positive_float, required=True, help="µm per pixel of patches")
     p.add_argument("--size", type=int, default=256, help="patch size in pixels (256)")
     p.add_argument("--n", type=int, default=64, help="number of patches (64)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder for the images and CSV"
+    )
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction (0.5)")
     p.add_argument("--method", default="otsu", choices=["otsu", "hsv"], help="tissue detector")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled locations (0)")
     p.add_argument("--columns", type=int, default=8, help="grid columns (8)")
     add_backend_option(p)
     add_slide_mpp_option(p)

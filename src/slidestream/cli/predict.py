@@ -27,18 +27,49 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and counted (damaged_tiles). "
         "Under torchrun each rank predicts its share of the slides.",
     )
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="best.pt/last.pt of train-patches or train (kind read from it)",
+    )
     p.add_argument("slides", nargs="+", help="slides, globs, folders, or a CSV/TSV with 'slide'")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for predictions.csv and per-slide tiles CSV, heatmaps, GeoJSON, viewers",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="tiles per forward pass (default: 64)"
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers reading tiles (2)")
-    p.add_argument("--aggregate", choices=["mean", "majority", "topk"], default="mean")
-    p.add_argument("--topk", type=int, default=10)
+    p.add_argument(
+        "--aggregate",
+        choices=["mean", "majority", "topk"],
+        default="mean",
+        help="slide call from tile probabilities: mean, majority vote, or mean of the top-k "
+        "tiles per class (default: mean)",
+    )
+    p.add_argument(
+        "--topk", type=int, default=10, help="tiles averaged by --aggregate topk (default: 10)"
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="GeoJSON probability threshold")
-    p.add_argument("--geojson", choices=["contours", "tiles"], default="contours")
+    p.add_argument(
+        "--geojson",
+        choices=["contours", "tiles"],
+        default="contours",
+        help="GeoJSON of the --class heatmap: contours of cells >= --threshold, or one square "
+        "per tile (default: contours)",
+    )
     p.add_argument("--class", dest="target", default=None, help="class shown in the heatmap")
-    p.add_argument("--min-tissue", type=float, default=0.25)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.25,
+        help="minimum tissue fraction of a tile to be predicted, 0-1 (default: 0.25)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add_backend_option(p)
     add_slide_mpp_option(p)
     p.set_defaults(func=run)

@@ -29,7 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("cohort", nargs="+", metavar="COHORT", help="cohort CSV/TSV or slides")
     p.add_argument("--mpp", type=positive_float, required=True, help="target µm per pixel")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the prepared slides, masks, thumbnails and prepared.csv",
+    )
     p.add_argument(
         "--workers", type=int, default=2, help="parallel processes (2; 1 runs in this process)"
     )

@@ -14,8 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "tables (predictions.csv) and per-slide pictures (QC "
         "overlays, heatmaps) found under DIR into an HTML report.",
     )
-    p.add_argument("dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--title", default="slidestream report")
+    p.add_argument(
+        "dir",
+        type=Path,
+        metavar="RUN_DIR",
+        help="folder holding run folders (metrics.csv) and predictions (predictions.csv)",
+    )
+    p.add_argument(
+        "--title", default="slidestream report", help="page title (default: slidestream report)"
+    )
     p.set_defaults(func=run)
 
 

@@ -48,7 +48,7 @@ def process_slide(path: Path, args: dict[str, Any]) -> dict[str, Any]:
 
     row: dict[str, Any] = {"slide": str(path), "stem": args["stem"]}
     try:
-        with open_slide(path, backend=args["backend"], mpp=args["mpp"]) as slide:
+        with open_slide(path, backend=args["backend"], mpp=args["slide_mpp"]) as slide:
             mask = detect_tissue(slide, args["method"], mask_mpp=args["mask_mpp"])
             out = Path(args["out"])
             mask.save(out / f"{args['stem']}.tissue.png", slide=str(path), backend=slide.backend)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "stem": stem,
                 "backend": args.backend,
-                "mpp": args.mpp,
+                "slide_mpp": args.slide_mpp,
                 "method": args.method,
                 "mask_mpp": args.mask_mpp,
                 "out": str(args.out),

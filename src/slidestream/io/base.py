@@ -245,7 +245,7 @@ class Slide(ABC):
         if mpp is None:
             raise MissingMppError(
                 f"no microns-per-pixel in {self.path.name}; pass mpp= to open_slide "
-                f"(--mpp on the command line, or an mpp column in the cohort CSV)"
+                f"(--slide-mpp on the command line, or an mpp column in the cohort CSV)"
             )
         return mpp
 

@@ -3,7 +3,7 @@
 TIFF files are decoded with tifffile and 16-bit PNGs with imagecodecs, so their samples are
 converted by the same rules as the other readers' (see :mod:`slidestream.io._pixels`); other
 files are read with Pillow. They carry no trustworthy microns-per-pixel: give ``mpp=``
-(``--mpp``) for mpp-based reads.
+(``--slide-mpp``) for mpp-based reads.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ class PatchTrainConfig:
     size: int = 256  # patch size for streamed data (databases carry their own)
     mpp: float = 0.5  # µm/px for streamed data
     epochs: int = 10  # epochs of steps_per_epoch steps
-    steps_per_epoch: int | None = None  # default: one pass over the database; 200 for streams
+    steps_per_epoch: int | None = None  # steps/epoch; none: a database pass, 200 (streams)
     batch_size: int = 32  # patches per optimizer step
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 1e-4  # L2 weight decay (decoupled for adamw)
