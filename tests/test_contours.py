@@ -19,7 +19,7 @@ def _cell_centres(mask):
 
 
 def _check(grid, threshold):
-    gj = contours_geojson(grid, ORIGIN, "tumour", 0, threshold)
+    gj = contours_geojson(grid, ORIGIN, "tumour", threshold)
     want = np.isfinite(grid) & (np.nan_to_num(grid, nan=-1) >= threshold)
     assert sum(f["properties"]["tiles"] for f in gj["features"]) == want.sum()
     polys = [shape(f["geometry"]) for f in gj["features"]]
@@ -60,4 +60,4 @@ def test_island_in_a_hole_is_counted_once():
 
 def test_threshold_must_be_a_number():
     with pytest.raises(ss.ConfigError, match="threshold"):
-        contours_geojson(np.zeros((2, 2)), ORIGIN, "t", 0, float("nan"))
+        contours_geojson(np.zeros((2, 2)), ORIGIN, "t", float("nan"))

@@ -16,6 +16,7 @@ RANK = {
     "errors": 0,
     "types": 0,
     "charts": 0,
+    "colors": 0,
     "io": 1,
     "synthetic": 1,
     "tissue": 2,

@@ -52,7 +52,7 @@ def test_predict_writes_all_outputs(checkpoint, three_class_cohort, tmp_path):
         assert (tmp_path / f"{stem}{suffix}").exists(), suffix
     slide = open_slide(entry.path)
     grid = np.load(tmp_path / f"{stem}.heatmap.npy")
-    assert grid.shape == (3, *GridPatchSampler(48, 1.0).grid_shape(slide))
+    assert grid.shape == (3, *GridPatchSampler(48, 1.0, cover_edges=True).grid_shape(slide))
     assert np.isfinite(grid).sum() == 3 * res.tiles
     gj = json.loads((tmp_path / f"{stem}.geojson").read_text())
     assert gj["type"] == "FeatureCollection" and gj["features"]
@@ -92,11 +92,40 @@ def test_predict_cli_csv_and_bad_slide(checkpoint, three_class_cohort, tmp_path,
     assert all(len(f["geometry"]["coordinates"][0]) == 5 for f in gj["features"])
 
 
-def test_predict_real_svs(checkpoint, shared_data, tmp_path):
-    res = PatchPredictor(checkpoint, workers=0).predict(
-        shared_data / "cmu_small_region.svs", tmp_path
-    )
+def test_predict_real_svs_covers_the_last_row_and_column(checkpoint, shared_data, tmp_path):
+    path = shared_data / "cmu_small_region.svs"
+    res = PatchPredictor(checkpoint, workers=0, min_tissue=0.05).predict(path, tmp_path)
     assert res.tiles > 20 and (tmp_path / "cmu_small_region.geojson").exists()
+    w0, h0 = open_slide(path).dimensions  # 2220 x 2967: neither a multiple of the tile
+    tiles = list(csv.DictReader((tmp_path / "cmu_small_region.tiles.csv").open()))
+    bottom = max(float(t["y"]) + float(t["h"]) for t in tiles)
+    assert bottom >= h0  # the partial last row (tissue down to the edge) is predicted
+    step = float(tiles[0]["w"])
+    grid = np.load(tmp_path / "cmu_small_region.heatmap.npy")
+    assert grid.shape[1:] == (np.ceil(h0 / step), np.ceil(w0 / step))  # partial ones included
+    assert np.isfinite(grid[0, -1]).any()
+    assert res.heatmap_class in PatchPredictor(checkpoint, workers=0).classes
+    assert (tmp_path / "cmu_small_region.viewer.html").exists()
+
+
+def test_predict_names_the_drawn_class_and_warns_on_empty_outputs(
+    checkpoint, three_class_cohort, tmp_path, capsys, caplog
+):
+    slide = load_cohort(three_class_cohort).slides[0].path
+    out = tmp_path / "out"
+    args = ["predict", str(checkpoint), str(slide), "--out", str(out), "--workers", "0"]
+    with caplog.at_level("WARNING"):
+        assert main([*args, "--threshold", "1.01"]) == 0
+    printed = capsys.readouterr().out
+    assert "heatmaps and GeoJSON show p(tumour) (the default; choose with --class" in printed
+    assert "1 slide predicted" in printed
+    assert "the GeoJSON is empty" in caplog.text and slide.name in caplog.text
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert rows[0]["heatmap_class"] == "tumour"
+    colors = json.loads((out / "colors.json").read_text())
+    assert colors["tumour"] == "#dc3220" and set(colors) == {"inflamed", "normal", "tumour"}
+    assert main([*args, "--class", "inflamed"]) == 0
+    assert "show p(inflamed) (--class" in capsys.readouterr().out
 
 
 def test_contours_with_hole_and_aggregate():
@@ -104,7 +133,7 @@ def test_contours_with_hole_and_aggregate():
     grid[1:6, 1:6] = 0.9
     grid[3, 3] = 0.1  # a hole
     grid[0, 6] = np.nan
-    gj = contours_geojson(grid, (100.0, 200.0, 10.0, 10.0), "tumour", 0)
+    gj = contours_geojson(grid, (100.0, 200.0, 10.0, 10.0), "tumour")
     (feat,) = gj["features"]
     outer, hole = (np.array(r) for r in feat["geometry"]["coordinates"])
     assert outer[:, 0].min() == pytest.approx(110) and outer[:, 0].max() == pytest.approx(160)

@@ -94,8 +94,8 @@ def _truth_geojson(path: Path, empty: bool = False) -> str:
         else np.asarray(Image.open(path.with_suffix(".tumour.png"))) > 0
     )
     tissue = np.asarray(Image.fromarray(mask.mask).resize((w, h), Image.Resampling.NEAREST))
-    feats = contours_geojson(tumour.astype(float), (0, 0, ds, ds), "tumour", 0)["features"]
-    feats += contours_geojson((tissue & ~tumour).astype(float), (0, 0, ds, ds), "normal", 1)[
+    feats = contours_geojson(tumour.astype(float), (0, 0, ds, ds), "tumour")["features"]
+    feats += contours_geojson((tissue & ~tumour).astype(float), (0, 0, ds, ds), "normal")[
         "features"
     ]
     out = path.with_suffix(".geojson")

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from slidestream.colors import write_colors
     from slidestream.errors import SlideStreamError
     from slidestream.infer import PatchPredictor
     from slidestream.infer.saliency import StreamingPredictor
@@ -109,6 +110,15 @@ def run(args: argparse.Namespace) -> int:
         )
         extra = {"aggregate_by": args.aggregate, "topk": args.topk, "geojson": args.geojson}
     args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_colors(args.out, predictor.classes)
+        if kind != "streaming":
+            drawn = predictor.heatmap_class(args.target)
+            how = "--class" if args.target else "the default; choose with --class"
+            print(
+                f"heatmaps and GeoJSON show p({drawn}) ({how}; classes: "
+                f"{', '.join(predictor.classes)})"
+            )
     rows, failed, damaged = [], len(cohort.problems), {}
     for entry in tqdm(entries, desc="predict", unit="slide", disable=rank != 0):
         try:
@@ -130,20 +140,22 @@ def run(args: argparse.Namespace) -> int:
             damaged[res.slide] = res.damaged
         probs = [f"{p:.5f}" for p in res.probs]
         rows.append(
-            [res.slide, res.stem, entry.label or "", res.call, res.tiles, res.damaged, *probs]
-        )
+            [res.slide, res.stem, entry.label or "", res.call, res.heatmap_class, res.tiles,
+             res.damaged, *probs]
+        )  # fmt: skip
     damaged_lines("predict", damaged, "tile")
     name = "predictions.csv" if world == 1 else f"predictions.rank{rank}.csv"
     with open(args.out / name, "w", newline="") as f:
         w = csv.writer(f)
-        head = ["slide", "stem", "label", "call", "tiles", "damaged_tiles"]
+        head = ["slide", "stem", "label", "call", "heatmap_class", "tiles", "damaged_tiles"]
         w.writerow([*head, *[f"p_{c}" for c in predictor.classes]])
         w.writerows(rows)
     if world > 1:
         _merge_ranks(args.out, rank, world)
     if rank == 0:
         total = len((args.out / "predictions.csv").read_text().splitlines()) - 1
-        print(f"{total} slides predicted -> {args.out / 'predictions.csv'}")
+        noun = "slide" if total == 1 else "slides"
+        print(f"{total} {noun} predicted -> {args.out / 'predictions.csv'}")
     return 1 if failed else 0
 
 

@@ -11,23 +11,20 @@ from typing import Any
 
 import numpy as np
 
+from slidestream.colors import class_color
 from slidestream.errors import ConfigError
 
 __all__ = ["tiles_geojson", "contours_geojson", "write_geojson", "write_tiles_csv"]
 
-_COLORS = [(220, 50, 32), (0, 114, 178), (0, 158, 115), (230, 159, 0), (204, 121, 167)]
 
-
-def _feature(
-    rings: list[list[list[float]]], name: str, color: int, props: dict[str, Any]
-) -> dict[str, Any]:
+def _feature(rings: list[list[list[float]]], name: str, props: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": rings},
         "properties": {
             "objectType": "annotation",
             "isLocked": False,
-            "classification": {"name": name, "color": list(_COLORS[color % len(_COLORS)])},
+            "classification": {"name": name, "color": list(class_color(name))},
             **props,
         },
     }
@@ -53,7 +50,6 @@ def tiles_geojson(
             _feature(
                 [[[float(a), float(b)] for a, b in ring]],
                 classes[k],
-                k,
                 {
                     "probability": float(p[k]),
                     **{f"p_{c}": float(q) for c, q in zip(classes, p, strict=True)},
@@ -67,7 +63,6 @@ def contours_geojson(
     grid: np.ndarray,
     origin_step: tuple[float, float, float, float],
     name: str,
-    color: int,
     threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Merged outlines (with holes) of grid cells whose probability is >= ``threshold``.
@@ -77,7 +72,8 @@ def contours_geojson(
     (x0, y0, step_x, step_y) in level-0 pixels: cell (r, c) covers
     [x0 + c*step_x, x0 + (c+1)*step_x) x [y0 + r*step_y, ...). Each feature's ``tiles`` counts
     the predicted cells inside it (holes, and islands within holes, excluded) and
-    ``probability`` is their mean.
+    ``probability`` is their mean. The QuPath colour follows ``name``
+    (:func:`slidestream.colors.class_color`).
     """
     from skimage.measure import find_contours, points_in_poly
 
@@ -102,9 +98,7 @@ def contours_geojson(
         cells = _cells_in(ring, inside, above)
         prob = float(grid[cells].mean()) if cells.any() else 0.0
         coords = [_to_level0(r, x0, y0, step_x, step_y) for r in [ring, *inside]]
-        feats.append(
-            _feature(coords, name, color, {"probability": prob, "tiles": int(cells.sum())})
-        )
+        feats.append(_feature(coords, name, {"probability": prob, "tiles": int(cells.sum())}))
     return {"type": "FeatureCollection", "features": feats}
 
 

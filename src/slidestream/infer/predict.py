@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slidestream.colors import hex_color
 from slidestream.data.functional import normalize, resolve_device
 from slidestream.errors import ConfigError, SlideReadError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
@@ -40,6 +41,7 @@ class SlidePrediction:
     tiles: int
     damaged: int = 0
     stem: str = ""
+    heatmap_class: str = ""  # the class whose probability the heatmap and GeoJSON show
 
 
 class _Tiles(Dataset):
@@ -61,6 +63,23 @@ class _Tiles(Dataset):
             size = self.sampler.size
             return torch.full((3, size, size), 255, dtype=torch.uint8), False
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), True
+
+
+def warn_if_empty(
+    path: Any, grid: np.ndarray, collection: dict[str, Any], name: str, threshold: float
+) -> None:
+    """Log a warning naming the slide when its heatmap has no predicted cell, or when no
+    region reaches ``threshold`` (an empty GeoJSON)."""
+    if not np.isfinite(grid).any():
+        log.warning("%s: no tile was predicted (no tissue found?): the heatmap is empty", path)
+    elif not collection.get("features"):
+        log.warning(
+            "%s: no region reaches p(%s) >= %g: the GeoJSON is empty (lower --threshold or "
+            "choose another --class)",
+            path,
+            name,
+            threshold,
+        )
 
 
 def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.ndarray:
@@ -149,7 +168,9 @@ class PatchPredictor:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         slide = open_slide(path, backend=backend, mpp=slide_mpp)
-        sampler = GridPatchSampler(self.size, self.mpp, min_tissue=self.min_tissue)
+        sampler = GridPatchSampler(
+            self.size, self.mpp, min_tissue=self.min_tissue, cover_edges=True
+        )
         mask = detect_tissue(slide, cache_dir=out / "masks")
         locs = sampler.locations(slide, mask)
         xy, tissue = locs[:, :2].astype(np.int64), locs[:, 2]
@@ -173,9 +194,10 @@ class PatchPredictor:
         collection = (
             tiles_geojson(xy, size0, probs, self.classes, threshold)
             if geojson == "tiles"
-            else contours_geojson(grid[k], (0.0, 0.0, *step), self.classes[k], k, threshold)
+            else contours_geojson(grid[k], (0.0, 0.0, *step), self.classes[k], threshold)
         )
         write_geojson(collection, out / f"{stem}.geojson")
+        warn_if_empty(path, grid[k], collection, self.classes[k], threshold)
         side = min(4096, max(1024, 4 * max(rows, cols)))
         write_viewer(
             out / f"{stem}.viewer.html",
@@ -186,15 +208,26 @@ class PatchPredictor:
             collection,
             title=f"{stem}: p({self.classes[k]})",
             heat_label=f"p({self.classes[k]})",
+            contour_color=hex_color(self.classes[k]),
         )
         slide_probs = aggregate(probs, aggregate_by, topk)
         call = self.classes[int(np.nanargmax(slide_probs))] if len(probs) else "no tissue"
         return SlidePrediction(
-            str(path), call, [float(p) for p in slide_probs], len(probs), damaged, stem
+            str(path),
+            call,
+            [float(p) for p in slide_probs],
+            len(probs),
+            damaged,
+            stem,
+            self.classes[k],
         )
 
+    def heatmap_class(self, target: str | None) -> str:
+        """The class whose probability heatmaps and GeoJSON show for ``--class target``."""
+        return self.classes[self._target_index(target)]
+
     def _target_index(self, target: str | None) -> int:
-        if target is None:
+        if target is None:  # the positive (second) class of two, else the last
             return 1 if len(self.classes) == 2 else len(self.classes) - 1
         if target not in self.classes:
             raise ConfigError(f"--class must be one of {self.classes}, got {target!r}")

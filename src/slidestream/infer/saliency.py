@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slidestream.colors import hex_color
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, write_geojson
 from slidestream.infer.heatmap import heatmap_overlay
-from slidestream.infer.predict import SlidePrediction
+from slidestream.infer.predict import SlidePrediction, warn_if_empty
 from slidestream.infer.viewer import write_viewer
 from slidestream.io import open_slide
 from slidestream.models.checkpoint import load_checkpoint
@@ -110,9 +111,10 @@ class StreamingPredictor:
         )
         step = (d * w0 / w, d * h0 / h)  # level-0 px per heatmap cell
         collection = contours_geojson(
-            grid, (0.0, 0.0, *step), f"salient:{self.classes[k]}", k, threshold
+            grid, (0.0, 0.0, *step), f"salient:{self.classes[k]}", threshold
         )
         write_geojson(collection, out / f"{stem}.geojson")
+        warn_if_empty(path, grid, collection, f"salient:{self.classes[k]}", threshold)
         title = f"{stem}: saliency for {self.classes[k]}"
         write_viewer(
             out / f"{stem}.viewer.html",
@@ -123,9 +125,12 @@ class StreamingPredictor:
             collection,
             title=title,
             heat_label="saliency",
+            contour_color=hex_color(self.classes[k]),
         )
         call = self.classes[k] if self.cfg.task != "regression" else f"{float(probs[0]):.4g}"
-        return SlidePrediction(str(path), call, [float(p) for p in probs], 1, 0, stem)
+        return SlidePrediction(
+            str(path), call, [float(p) for p in probs], 1, 0, stem, self.classes[k]
+        )
 
     def _target(self, target: str | None, probs: np.ndarray) -> int:
         if target is None or self.cfg.task == "regression":

@@ -19,10 +19,17 @@ __all__ = ["GridPatchSampler"]
 class GridPatchSampler(PatchSampler):
     """Row-major grid of patches with a ``stride`` in output pixels (default: ``size``, no
     overlap; ``overlap`` is the alternative way to say it), keeping those with at least
-    ``min_tissue``. The order is deterministic; the generator is not used."""
+    ``min_tissue``. The order is deterministic; the generator is not used.
+
+    ``cover_edges``: continue the grid over the slide's right and bottom edges, so that the
+    last, partial row and column are covered too (those patches extend past the slide, read as
+    white, and their tissue fraction is measured over the part inside the slide). Without it,
+    the grid holds only patches that lie wholly inside the slide.
+    """
 
     stride: int | None = None
     overlap: int = 0
+    cover_edges: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -42,12 +49,15 @@ class GridPatchSampler(PatchSampler):
         """(N, 3) array of x, y (level-0 px) and tissue fraction of every kept grid patch."""
         geo = self.geometry(slide)
         (sx, sy), (w0, h0) = geo.size0, slide.dimensions
+        rows, cols = self.grid_shape(slide)
         step_x, step_y = self.step * sx / self.size, self.step * sy / self.size
-        xs = np.arange(0.0, max(w0 - sx, 0.0) + 1e-6, step_x)
-        ys = np.arange(0.0, max(h0 - sy, 0.0) + 1e-6, step_y)
-        gx, gy = np.meshgrid(xs, ys)
-        x, y = geo.snap(gx.ravel(), gy.ravel(), slide.dimensions)
+        gx, gy = np.meshgrid(np.arange(cols) * step_x, np.arange(rows) * step_y)
+        bounds = (w0 + sx, h0 + sy) if self.cover_edges else slide.dimensions
+        x, y = geo.snap(gx.ravel(), gy.ravel(), bounds)
         frac = mask.region_fraction(x, y, sx, sy) if mask is not None else np.ones(len(x))
+        if mask is not None and self.cover_edges:  # over the part of the patch in the slide
+            inside = np.clip(w0 - x, 0, sx) * np.clip(h0 - y, 0, sy) / (sx * sy)
+            frac = np.minimum(np.asarray(frac) / np.maximum(inside, 1e-9), 1.0)
         keep = frac >= self.min_tissue if mask is not None else np.ones(len(x), bool)
         return np.stack([x[keep], y[keep], np.asarray(frac)[keep]], axis=1)
 
@@ -55,6 +65,11 @@ class GridPatchSampler(PatchSampler):
         """(rows, cols) of the full grid before the tissue filter (a heatmap's shape)."""
         (sx, sy), (w0, h0) = self.geometry(slide).size0, slide.dimensions
         step_x, step_y = self.step * sx / self.size, self.step * sy / self.size
+        if self.cover_edges:
+            return (
+                max(1, int(np.ceil(h0 / step_y - 1e-6))),
+                max(1, int(np.ceil(w0 / step_x - 1e-6))),
+            )
         return (
             int(np.floor(max(h0 - sy, 0.0) / step_y + 1e-6)) + 1,
             int(np.floor(max(w0 - sx, 0.0) / step_x + 1e-6)) + 1,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from slidestream.colors import write_colors
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.models.checkpoint import load_checkpoint
@@ -277,6 +278,7 @@ def fit(
 
             config = task.state().get("config", {})
             (loop.run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_colors(loop.run, task.classes)
         loop.fit()
     finally:
         loop.log.close()
