@@ -25,17 +25,9 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write(job: tuple[str, int, int, bool]) -> str:
-    from slidestream.synthetic import write_synthetic_slide
-
-    path, size, seed, tumour = job
-    if not Path(path).exists():
-        write_synthetic_slide(path, size, size, mpp=0.5, seed=seed, tumour=tumour)
-    return path
-
-
 def make_prepared(out: Path, slides: int, image: int, cores: int) -> Path:
     """``slides`` synthetic slides of 2 × ``image`` px at 0.5 µm/px, prepared at 1 µm/px."""
+    from slide_training import _write  # the acceptance run's generator (same folder)
     from slidestream.data.prepare import prepare_cohort
     from slidestream.sampling import load_cohort
 
