@@ -176,3 +176,42 @@ def test_run_folders_never_mix_runs(database, tmp_path, capsys):
         == 1
     )
     assert "holds a run with data" in capsys.readouterr().err
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(database, tmp_path):
+    """SIGKILL train-patches as soon as epoch 1's last.pt exists, run it again: every row of
+    metrics.csv, best.pt and summary.json equal an uninterrupted run's."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "slidestream", "train-patches", "--data", str(database),
+            "--model", "resnet18", "--epochs", "3", "--steps-per-epoch", "5", "--batch-size",
+            "8", "--workers", "0", "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run([*args, "--name", "ref"], check=True, **quiet)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--name", "killed"], **quiet)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (run / "last.pt").exists():
+            time.sleep(0.01)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert len(_rows(run)) < 3 if (run / "metrics.csv").exists() else True
+    subprocess.run([*args, "--name", "killed"], check=True, **quiet)
+
+    def summary(name):
+        rows = [(r["epoch"], round(float(r["train_loss"]), 5), r["val_accuracy"])
+                for r in _rows(tmp_path / name)]  # fmt: skip
+        best = load_checkpoint(tmp_path / name / "best.pt")
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        return rows, best["epoch"], s["best_epoch"], round(s["best_metric"], 6)
+
+    assert summary("killed") == summary("ref")

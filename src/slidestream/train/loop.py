@@ -95,6 +95,8 @@ class _Loop:
                 self.sched.load_state_dict(ckpt["scheduler"])
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("rng_state") is not None:  # dropout, augmentation: as if never stopped
+                torch.set_rng_state(ckpt["rng_state"].cpu())
             self.epoch = int(ckpt["epoch"])
             if self.rank == 0:
                 self.log.restore(ckpt)
@@ -253,6 +255,7 @@ class _Loop:
             "scheduler": self.sched.state_dict() if self.sched is not None else {},
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "epoch": self.epoch,
+            "rng_state": torch.get_rng_state(),
             "fingerprint": self.task.fingerprint(),
         }
 

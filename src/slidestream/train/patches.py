@@ -173,8 +173,15 @@ class PatchTask(Task):
         )
 
     def start_epoch(self, epoch: int) -> None:
+        """Each epoch starts a new pass, shuffled by (seed, epoch): a resumed run sees the
+        same batches as an uninterrupted one."""
         if hasattr(self.data.train, "set_epoch"):
             self.data.train.set_epoch(epoch)
+        loader = self.train_loader
+        for gen in (getattr(loader, "generator", None), getattr(loader.sampler, "generator", None)):
+            if gen is not None:
+                gen.manual_seed(self.cfg.seed * 100_003 + epoch)
+        self._it = None
 
     def steps_per_epoch(self) -> int:
         return self._steps
@@ -187,7 +194,7 @@ class PatchTask(Task):
         if self._it is None:
             self._it = iter(self.train_loader)
         batch = next(self._it, None)
-        if batch is None:  # a pass over the database ended: start the next one
+        if batch is None:  # a pass ended before the epoch's steps did: start another
             self._it = iter(self.train_loader)
             batch = next(self._it, None)
         if batch is None:
