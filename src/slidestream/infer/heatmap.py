@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["colormap", "heatmap_overlay"]
 
@@ -49,16 +49,22 @@ def heatmap_overlay(
     known = Image.fromarray(opacity.astype(np.uint8)).resize((gw, gh), Image.Resampling.NEAREST)
     out = Image.fromarray(thumbnail).convert("RGB")
     out.paste(color, (0, 0), known)
-    legend_w = 70
-    canvas = Image.new("RGB", (w + legend_w, max(h, 160)), "white")
+    # a legend that reads at report size: a bar over 60% of the height, ticks 0 / 0.5 / 1
+    font = ImageFont.load_default(size=max(16, h // 36))
+    legend_w = max(120, w // 7)
+    canvas = Image.new("RGB", (w + legend_w, max(h, 200)), "white")
     canvas.paste(out, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    bar_h = min(h - 40, 200) if h > 80 else 60
+    top, bar_h, bar_w = 30, max(100, int(0.6 * h)), max(18, legend_w // 6)
+    x0 = w + 12
     for k in range(bar_h):
         c = tuple(int(x) for x in colormap(np.array(1 - k / max(1, bar_h - 1))))
-        draw.line([(w + 12, 20 + k), (w + 30, 20 + k)], fill=c)
-    draw.text((w + 34, 14), "1.0", fill=(0, 0, 0))
-    draw.text((w + 34, 14 + bar_h), "0.0", fill=(0, 0, 0))
+        draw.line([(x0, top + k), (x0 + bar_w, top + k)], fill=c)
+    draw.rectangle([x0, top, x0 + bar_w, top + bar_h - 1], outline=(0, 0, 0))
+    for value in (1.0, 0.5, 0.0):
+        y = top + (1 - value) * (bar_h - 1)
+        draw.line([(x0 + bar_w, y), (x0 + bar_w + 5, y)], fill=(0, 0, 0))
+        draw.text((x0 + bar_w + 8, y), f"{value:.1f}", fill=(0, 0, 0), font=font, anchor="lm")
     if title:
-        draw.text((w + 4, 24 + bar_h + 10), title[:10], fill=(0, 0, 0))
+        draw.text((x0, top + bar_h + 10), title[:24], fill=(0, 0, 0), font=font)
     return np.asarray(canvas)

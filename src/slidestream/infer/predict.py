@@ -188,7 +188,7 @@ class PatchPredictor:
         rows, cols = grid.shape[1:]
         step = sampler.step * size0[0] / self.size, sampler.step * size0[1] / self.size
         cover = (cols * step[0] / w0, rows * step[1] / h0)
-        Image.fromarray(heatmap_overlay(thumb, grid[k], cover, self.classes[k])).save(
+        Image.fromarray(heatmap_overlay(thumb, grid[k], cover, f"p({self.classes[k]})")).save(
             out / f"{stem}.heatmap.png"
         )
         collection = (

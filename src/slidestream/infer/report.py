@@ -218,7 +218,7 @@ def _slides_section(
     viewers: dict[str, list[tuple[str, Path]]] = {}
     for p in preds:
         for r in _read_csv(p):
-            slide = r.get("slide") or "?"
+            slide = _source_of(r.get("slide") or "?")
             stem = r.get("stem") or Path(slide).stem
             names.setdefault(slide, stem)
             if slide not in heatmaps and (p.parent / f"{stem}.heatmap.png").is_file():
@@ -262,6 +262,17 @@ def _slides_section(
         )
     parts.append("</div>")
     return "".join(parts)
+
+
+def _source_of(slide: str) -> str:
+    """The source slide of a prepared slide (from the ``<stem>.json`` that ``prepare`` writes
+    beside it), so both models' calls on one case share a row; other slides as they are."""
+    meta = Path(slide).with_suffix(".json")
+    try:
+        source = json.loads(meta.read_text(encoding="utf-8"))["row"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return slide
+    return source if isinstance(source, str) and source else slide
 
 
 def _resolved(path: str) -> str:
