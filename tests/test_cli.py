@@ -170,3 +170,26 @@ def test_every_option_of_every_command_explains_itself():
             if len(text) < 12 or text.startswith("default:") or text.startswith("(default"):
                 bare.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
     assert not bare, f"options without a meaning: {bare}"
+
+
+def test_empty_input_is_one_line_exit_1_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    for args in (
+        ["patches", str(empty), "--out", str(out / "e.h5"), "--mpp", "1", "--grid", "64"],
+        ["prepare", str(empty), "--mpp", "4", "--out", str(out / "prep")],
+        ["patches-preview", str(empty), "--mpp", "1", "--size", "64", "--out", str(out / "pv")],
+        ["tissue", str(tmp_path / "nope.svs"), "--out", str(out / "t")],
+    ):
+        assert main(args) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no slides" in err[0], (args, err)
+        assert not out.exists(), args
+
+
+def test_patches_flags_an_unlabelled_database(slides, tmp_path, capsys):
+    code = main(["patches", str(slides["pyramid"]), "--out", str(tmp_path / "u.h5"),
+                 "--mpp", "2", "--size", "64", "--grid", "64"])  # fmt: skip
+    assert code == 0
+    assert "the slides have no labels" in capsys.readouterr().err

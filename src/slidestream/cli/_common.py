@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "add_backend_option",
     "add_slide_mpp_option",
     "add_slide_options",
+    "load_slides",
     "damaged_lines",
     "error_line",
     "positive_float",
@@ -50,6 +54,32 @@ def add_slide_mpp_option(parser: argparse.ArgumentParser) -> None:
         help="µm per level-0 pixel of the slides, overriding the files' (a cohort CSV's mpp "
         "column wins over it); for slides that carry none or a wrong one",
     )
+
+
+def load_slides(command: str, sources: Sequence[str | os.PathLike[str]]) -> Any:
+    """The cohort of a command's slide arguments (a CSV/TSV, paths, folders, globs). Its
+    problems are printed once, one line each; with no slide left, a ConfigError says so
+    before the command writes anything."""
+    import logging
+
+    from slidestream.errors import ConfigError
+    from slidestream.sampling import load_cohort
+
+    logger = logging.getLogger("slidestream.sampling.cohort")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # printed below instead, once
+    try:
+        cohort = load_cohort(sources[0] if len(sources) == 1 else list(sources))
+    finally:
+        logger.setLevel(level)
+    if not len(cohort):
+        why = "; ".join(cohort.problems) or "it lists no slide"
+        raise ConfigError(f"no slides to process in {' '.join(map(str, sources))}: {why}")
+    for problem in cohort.problems:
+        error_line(command, f"{problem} (left out)")
+    for warning in cohort.warnings:
+        error_line(command, warning)
+    return cohort
 
 
 def damaged_lines(command: str, damaged: dict[str, int], unit: str) -> None:

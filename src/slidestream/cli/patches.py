@@ -10,6 +10,7 @@ from slidestream.cli._common import (
     add_slide_mpp_option,
     damaged_lines,
     error_line,
+    load_slides,
     positive_float,
 )
 
@@ -74,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
         AnnotationSampler,
         GridPatchSampler,
         RandomPatchSampler,
-        load_cohort,
         parse_split,
     )
 
@@ -92,10 +92,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.mpp is None:
             raise ConfigError("--mpp is required for slides (the µm per pixel of the patches)")
-        cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
-        cohort = cohort.with_slide_mpp(args.slide_mpp)
-        for problem in cohort.problems:
-            error_line("patches", f"{problem} (left out)")
+        cohort = load_slides("patches", args.cohort).with_slide_mpp(args.slide_mpp)
+        if args.labels == "slide" and not cohort.classes:
+            error_line(
+                "patches",
+                "warning: the slides have no labels, so the database will hold none and "
+                "train-patches cannot use it: give a cohort CSV with a label column, "
+                "--labels annotations, or --tiles class folders",
+            )
         if args.random is not None and args.labels == "annotations":
             sampler = AnnotationSampler(args.size, args.mpp, args.min_tissue)
         elif args.random is not None:

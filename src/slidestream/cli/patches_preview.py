@@ -9,6 +9,7 @@ from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
     error_line,
+    load_slides,
     positive_float,
 )
 
@@ -48,13 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     from slidestream.data import PatchStream
     from slidestream.data.preview import patch_grid
-    from slidestream.sampling import RandomPatchSampler, load_cohort
+    from slidestream.sampling import RandomPatchSampler
     from slidestream.sampling.naming import output_stems
 
-    source = args.cohort[0] if len(args.cohort) == 1 else args.cohort
-    cohort = load_cohort(source)
-    for problem in cohort.problems:
-        error_line("patches-preview", f"{problem} (left out)")
+    cohort = load_slides("patches-preview", args.cohort)
     cohort = _without_missing_mpp(cohort.with_slide_mpp(args.slide_mpp), args.backend)
     if not len(cohort):
         error_line("patches-preview", "no usable slides")

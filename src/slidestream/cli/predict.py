@@ -10,6 +10,7 @@ from slidestream.cli._common import (
     add_slide_mpp_option,
     damaged_lines,
     error_line,
+    load_slides,
 )
 
 
@@ -86,13 +87,10 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.infer import PatchPredictor
     from slidestream.infer.saliency import StreamingPredictor
     from slidestream.models.checkpoint import load_checkpoint
-    from slidestream.sampling import load_cohort
     from slidestream.sampling.cohort import failure_message
     from slidestream.sampling.naming import output_stems
 
-    cohort = load_cohort(args.slides[0] if len(args.slides) == 1 else args.slides)
-    for problem in cohort.problems:
-        error_line("predict", f"{problem} (skipped)")
+    cohort = load_slides("predict", args.slides)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
     entries = cohort.slides[rank::world]

@@ -10,6 +10,7 @@ from slidestream.cli._common import (
     add_slide_mpp_option,
     damaged_lines,
     error_line,
+    load_slides,
     positive_float,
 )
 
@@ -50,10 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from slidestream.data.prepare import prepare_cohort
-    from slidestream.sampling import load_cohort
 
-    cohort = load_cohort(args.cohort[0] if len(args.cohort) == 1 else args.cohort)
-    cohort = cohort.with_slide_mpp(args.slide_mpp)
+    cohort = load_slides("prepare", args.cohort).with_slide_mpp(args.slide_mpp)
     result = prepare_cohort(
         cohort,
         args.out,

@@ -69,9 +69,14 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.sampling.naming import output_stems
 
     slides = find_slides(args.paths, recursive=args.recursive)
-    if not slides:
-        error_line("tissue", f"no slides found in {' '.join(args.paths)}")
+    missing = [p for p in slides if not Path(p).exists()]
+    slides = [p for p in slides if Path(p).exists()]
+    if not slides:  # one line, and no output folder
+        gone = f": not found: {', '.join(map(str, missing))}" if missing else ""
+        error_line("tissue", f"no slides found in {' '.join(args.paths)}{gone}")
         return 1
+    for path in missing:
+        error_line("tissue", f"slide not found: {path} (left out)")
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (
