@@ -63,7 +63,7 @@ def test_prepare_packs_tissue_and_resumes(slides, tmp_path):
 
 def test_prepare_cli(slides, tmp_path, capsys):
     code = main(["prepare", str(slides["small"]), "--mpp", "2.0", "--out", str(tmp_path)])
-    assert code == 0 and "1 slides prepared" in capsys.readouterr().out
+    assert code == 0 and "1 slide prepared" in capsys.readouterr().out
 
 
 def test_prepared_csv_works_from_a_relative_folder(slides, tmp_path, monkeypatch):

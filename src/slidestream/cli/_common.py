@@ -12,7 +12,9 @@ __all__ = [
     "add_backend_option",
     "add_slide_mpp_option",
     "add_slide_options",
+    "count",
     "load_slides",
+    "warning_line",
     "damaged_lines",
     "error_line",
     "positive_float",
@@ -86,10 +88,20 @@ def damaged_lines(command: str, damaged: dict[str, int], unit: str) -> None:
     """One stderr line per slide with unreadable regions that were left out."""
     for slide, n in sorted(damaged.items()):
         print(
-            f"slidestream {command}: warning: {slide}: {n} {unit}{'s' if n != 1 else ''} "
+            f"slidestream {command}: warning: {slide}: {count(n, unit)} "
             f"with undecodable pixels left out",
             file=sys.stderr,
         )
+
+
+def count(n: int, word: str, plural: str | None = None) -> str:
+    """``"1 slide"``, ``"2 slides"``, ``"0 slides"``."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def warning_line(command: str, message: str) -> None:
+    """One warning line on stderr."""
+    print(f"slidestream {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def error_line(command: str, message: str) -> None:

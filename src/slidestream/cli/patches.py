@@ -8,10 +8,12 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    count,
     damaged_lines,
     error_line,
     load_slides,
     positive_float,
+    warning_line,
 )
 
 
@@ -94,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--mpp is required for slides (the µm per pixel of the patches)")
         cohort = load_slides("patches", args.cohort).with_slide_mpp(args.slide_mpp)
         if args.labels == "slide" and not cohort.classes:
-            error_line(
+            warning_line(
                 "patches",
-                "warning: the slides have no labels, so the database will hold none and "
+                "the slides have no labels, so the database will hold none and "
                 "train-patches cannot use it: give a cohort CSV with a label column, "
                 "--labels annotations, or --tiles class folders",
             )
@@ -123,16 +125,20 @@ def run(args: argparse.Namespace) -> int:
         error_line("patches", f"skipped {failure}")
     damaged_lines("patches", build.damaged, "patch region")
     for name, path in build.files.items():
-        print(f"{name}: {build.patches[name]} new patches -> {path}")
+        print(f"{name}: {count(build.patches[name], 'new patch', 'new patches')} -> {path}")
     if build.damaged:
         print(
-            f"{sum(build.damaged.values())} unreadable patch regions left out in "
-            f"{len(build.damaged)} slides (listed above and in the database's damaged_regions)"
+            f"{count(sum(build.damaged.values()), 'unreadable patch region')} left out in "
+            f"{count(len(build.damaged), 'slide')} (listed above and in the database's "
+            "damaged_regions)"
         )
     empty = build.empty
     if empty:
         names = ", ".join(Path(p).name for p in empty[:10]) + (" ..." if len(empty) > 10 else "")
-        print(f"{len(empty)} slides gave no patches (blank or too little tissue): {names}")
+        print(f"{count(len(empty), 'slide')} gave no patches (blank or too little tissue): {names}")
     if build.skipped:
-        print(f"{build.skipped} slides (or tile blocks) already in the database were skipped")
+        print(
+            f"{count(build.skipped, 'slide')} (or tile blocks) already in the database "
+            f"{'was' if build.skipped == 1 else 'were'} skipped"
+        )
     return 1 if build.failures else 0

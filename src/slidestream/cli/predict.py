@@ -8,6 +8,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    count,
     damaged_lines,
     error_line,
     load_slides,
@@ -152,8 +153,7 @@ def run(args: argparse.Namespace) -> int:
         _merge_ranks(args.out, rank, world)
     if rank == 0:
         total = len((args.out / "predictions.csv").read_text().splitlines()) - 1
-        noun = "slide" if total == 1 else "slides"
-        print(f"{total} {noun} predicted -> {args.out / 'predictions.csv'}")
+        print(f"{count(total, 'slide')} predicted -> {args.out / 'predictions.csv'}")
     return 1 if failed else 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    count,
     damaged_lines,
     error_line,
     load_slides,
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         else ""
     )
     print(
-        f"{len(result.rows)} slides prepared ({result.skipped} already done), "
+        f"{count(len(result.rows), 'slide')} prepared ({result.skipped} already done), "
         f"{len(result.failures)} failed{note} -> {args.out / 'prepared.csv'}"
     )
     return 1 if result.failures else 0

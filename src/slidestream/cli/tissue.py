@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from slidestream.cli._common import add_slide_options, error_line
+from slidestream.cli._common import add_slide_options, count, error_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +132,7 @@ def _print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     ok = sum("error" not in r for r in rows)
     console = Console(width=120, stderr=False)
     console.print(table)
-    console.print(f"{ok} of {len(rows)} slides done; masks and QC images in {out}")
+    console.print(f"{ok} of {count(len(rows), 'slide')} done; masks and QC images in {out}")
     empty = [Path(r["slide"]).name for r in rows if _near_empty(r)]
     if empty:
         console.print(
