@@ -148,3 +148,19 @@ def test_contours_with_hole_and_aggregate():
     np.testing.assert_allclose(aggregate(p3, "topk", topk=1), np.array([0.7, 0.2, 0.8]) / 1.7)
     with pytest.raises(ss.ConfigError):
         aggregate(p, "median")
+
+
+def test_checkpoint_that_does_not_fit_its_model_is_one_line(
+    checkpoint, three_class_cohort, tmp_path, capsys
+):
+    from slidestream.models import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    state["model"]["name"] = "resnet34"  # weights of a resnet18
+    save_checkpoint(tmp_path / "mixed.pt", state)
+    with pytest.raises(ss.ConfigError, match="do not fit resnet34 with 3 classes"):
+        PatchPredictor(tmp_path / "mixed.pt", workers=0)
+    slide = str(load_cohort(three_class_cohort).slides[0].path)
+    assert main(["predict", str(tmp_path / "mixed.pt"), slide, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "do not fit resnet34" in err and "Traceback" not in err

@@ -121,7 +121,14 @@ class PatchPredictor:
         self.mean, self.std = norm.get("mean"), norm.get("std")
         self.device = resolve_device(device)
         self.model = create_classifier(ckpt["model"]["name"], len(self.classes))
-        self.model.load_state_dict(ckpt["state_dict"])
+        try:
+            self.model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0][:160]
+            raise ConfigError(
+                f"{checkpoint}: its weights do not fit {ckpt['model']['name']} with "
+                f"{len(self.classes)} classes ({first}); was the file edited or mixed up?"
+            ) from exc
         self.model.to(self.device).eval()
         self.batch_size, self.workers, self.min_tissue = batch_size, workers, min_tissue
 
