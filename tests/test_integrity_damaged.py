@@ -79,7 +79,7 @@ def test_patches_skips_and_counts_damaged_regions(pair, damaged, tmp_path, capsy
     assert not [1 for x, y, s in xy if s == str(bad) and _in_damage(x, y)]
     assert [1 for x, y, s in xy if s == str(good) and _in_damage(x, y)]
     assert f"{bad}: {counts[str(bad)]} patch regions with undecodable pixels" in captured.err
-    assert "unreadable patch regions left out in 1 slides" in captured.out
+    assert "unreadable patch regions left out in 1 slide " in captured.out
     build = build_patch_databases(
         load_cohort(csv_path), tmp_path / "r.h5", GridPatchSampler(32, 2.0), progress=False
     )
