@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--class", dest="target", default=None, help="class shown in the heatmap")
     p.add_argument("--min-tissue", type=float, default=0.25)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--features", type=Path, default=None, metavar="DIR", help="feature files (mil checkpoints)"
+    )
     add_backend_option(p)
     p.add_argument(
         "--slide-mpp",
@@ -61,6 +64,17 @@ def run(args: argparse.Namespace) -> int:
     if kind == "streaming":
         predictor = StreamingPredictor(args.checkpoint, device=args.device)
         extra = {}
+    elif kind == "mil":
+        from slidestream.infer.mil import MILPredictor
+
+        predictor = MILPredictor(
+            args.checkpoint,
+            features_dir=args.features,
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        extra = {"geojson": args.geojson}
     else:
         predictor = PatchPredictor(
             args.checkpoint,
