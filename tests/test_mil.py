@@ -115,7 +115,8 @@ def test_abmil_learns_and_attends_to_tumour(mil_cohort, tmp_path):
         p.append(res.probs[1])
         if entry.label != "tumour":
             continue
-        rows = list(csv.DictReader(open(tmp_path / "pred" / f"{entry.path.stem}.attention.csv")))
+        text = (tmp_path / "pred" / f"{entry.path.stem}.attention.csv").read_text()
+        rows = list(csv.DictReader(text.splitlines()))
         coords = np.array([[int(r["x"]), int(r["y"])] for r in rows])
         att = np.array([float(r["attention"]) for r in rows])
         share = _tumour_share(entry.path, coords, float(rows[0]["w"]))
