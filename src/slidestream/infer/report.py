@@ -75,6 +75,7 @@ def write_report(root: str | Path, title: str = "slidestream report") -> Path:
                 f"<td>{_fmt(m.get('accuracy', math.nan))}</td></tr>"
             )
         parts.append("</table>")
+    parts.append(_methods_section(root))
     for run in runs:
         parts.append(_run_section(root, run, img))
     parts.append(_slides_section(root, preds, img))
@@ -152,4 +153,32 @@ def _slides_section(root: Path, preds: list[Path], img: Path) -> str:
             f"<div>{'<br>'.join(calls[stem])}</div>"
         )
     parts.append("</div>")
+    return "".join(parts)
+
+
+def _methods_section(root: Path) -> str:
+    """Streaming vs MIL side by side on the held-out slides (``predict_slide`` and
+    ``predict_mil`` prediction tables, as the demo writes them); empty without both."""
+    tables = {"streaming": root / "predict_slide", "MIL": root / "predict_mil"}
+    if not all((d / "predictions.csv").is_file() for d in tables.values()):
+        return ""
+    rows = {
+        name: {Path(r["slide"]).stem: r for r in _read_csv(d / "predictions.csv")}
+        for name, d in tables.items()
+    }
+    metrics = {name: held_out_metrics(d / "predictions.csv") for name, d in tables.items()}
+    pos = metrics["streaming"].get("positive", "tumour")
+    head = "".join(f"<th>{n} p({html.escape(pos)})</th>" for n in tables)
+    parts = [
+        f"<h2>Streaming vs MIL on the held-out slides</h2><table><tr><th>slide</th>"
+        f"<th>truth</th>{head}</tr>"
+    ]
+    for stem in sorted(rows["streaming"]):
+        label = rows["streaming"][stem].get("label", "")
+        cells = "".join(
+            f"<td>{_fmt(_num(rows[n].get(stem, {}).get(f'p_{pos}', '')))}</td>" for n in tables
+        )
+        parts.append(f"<tr><td>{html.escape(stem)}</td><td>{html.escape(label)}</td>{cells}</tr>")
+    aucs = "".join(f"<td><b>{_fmt(metrics[n].get('auc', math.nan))}</b></td>" for n in tables)
+    parts.append(f"<tr><td><b>AUC</b></td><td></td>{aucs}</tr></table>")
     return "".join(parts)
