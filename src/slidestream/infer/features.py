@@ -189,7 +189,8 @@ def extract_cohort(
     shard: tuple[int, int] = (0, 1),
     on_slide: Callable[[str, int], None] | None = None,
 ) -> FeatureReport:
-    """Feature files of shard ``i/n`` of ``cohort`` (every n-th slide from i) in ``out``.
+    """Feature files of shard ``i/n`` of ``cohort`` (every n-th slide from i) in ``out``;
+    ``on_slide(path, patches)`` after each slide (0 patches: skipped or failed).
 
     Raises ConfigError when two slides share a file stem or ``out`` holds features of other
     settings; unreadable slides are listed in the report (and in ``out/failed.<i>of<n>.txt``).
@@ -205,16 +206,16 @@ def extract_cohort(
     report, t0 = FeatureReport(), time.perf_counter()
     for entry in cohort.slides[i::n]:
         target = feature_path(out, entry.path)
+        count = 0
         if extractor.is_done(target):
             report.skipped.append(str(entry.path))
-            continue
-        try:
-            count = extractor.slide(entry.path, out, entry.mpp)
-        except SlideStreamError as exc:
-            report.failed[str(entry.path)] = str(exc)
-            log.warning("features of %s failed: %s", entry.path, exc)
-            continue
-        report.written.append(str(entry.path))
+        else:
+            try:
+                count = extractor.slide(entry.path, out, entry.mpp)
+                report.written.append(str(entry.path))
+            except SlideStreamError as exc:
+                report.failed[str(entry.path)] = str(exc)
+                log.warning("features of %s failed: %s", entry.path, exc)
         report.patches += count
         if on_slide is not None:
             on_slide(str(entry.path), count)

@@ -135,9 +135,8 @@ class MILTask(Task):
     def setup(self, device: torch.device, rank: int, world: int, channels_last: bool) -> None:
         self.device, self.rank, self.world = device, rank, world
         self.model = MILModel(self.spec).to(device)
-        self.weight = (
-            self._class_weights().to(device) if self._class_weights() is not None else None
-        )
+        weight = self._class_weights()
+        self.weight = weight.to(device) if weight is not None else None
 
     def _class_weights(self) -> torch.Tensor | None:
         if self.cfg.class_weighting == "none" or self.cfg.task not in ("binary", "multiclass"):
