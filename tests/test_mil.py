@@ -157,3 +157,17 @@ def test_missing_features_and_other_run(mil_cohort, tmp_path):
         MILTrainConfig(data=str(mil_cohort / "c.csv"))
     with pytest.raises(ss.ConfigError, match="no feature files"):
         train_mil(_cfg(mil_cohort, tmp_path, features=str(tmp_path / "empty")))
+
+
+def test_patient_level_split_without_a_split_column(mil_cohort, tmp_path):
+    from slidestream.train.mil import mil_splits
+
+    lines = (mil_cohort / "c.csv").read_text().splitlines()
+    rows = [",".join(line.split(",")[:2] + [f"pat{i // 2}"]) for i, line in enumerate(lines[1:])]
+    data = tmp_path / "nosplit.csv"
+    data.write_text("slide,label,patient\n" + "\n".join(rows) + "\n")
+    cfg = _cfg(mil_cohort, tmp_path, data=str(data), split="train=0.8,val=0.2")
+    train, val = mil_splits(cfg)
+    assert len(train) + len(val) == 20 and len(val) >= 2
+    assert not {s.patient for s in train} & {s.patient for s in val}
+    assert {s.label for s in val} == {"normal", "tumour"}
