@@ -148,7 +148,7 @@ def mil(args: argparse.Namespace, cohort: Path, out: Path) -> dict:
     patches = sum(len(_coords(p)) for p in feats.glob("*.h5"))
     train = [
         "train-mil", "--data", str(cohort), "--features", str(feats), "--model", "abmil",
-        "--epochs", str(args.mil_epochs), "--lr", "2e-4", "--out", str(out / "runs"),
+        "--epochs", str(args.mil_epochs), "--lr", str(args.mil_lr), "--out", str(out / "runs"),
         "--name", "mil", "--device", args.device, "--seed", str(args.seed),
     ]  # fmt: skip
     t = step(out, "train-mil", train)
@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=64, help="MIL patch size (px)")
     ap.add_argument("--patch-mpp", type=float, default=2.0)
     ap.add_argument("--mil-epochs", type=int, default=20)
+    ap.add_argument("--mil-lr", type=float, default=1e-3, help="train-mil AdamW lr (1e-3)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -217,7 +218,7 @@ def main() -> None:
     out = Path(args.out) / f"run_{int(time.time())}"
     out.mkdir(parents=True)
     cohort = make_cohort(
-        Path(args.out) / f"cohort_{args.slides}_{args.size}",
+        Path(args.out) / f"cohort_{args.slides}_{args.size}_{args.tumour_fraction}",
         args.slides,
         args.size,
         args.val,

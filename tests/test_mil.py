@@ -171,3 +171,23 @@ def test_patient_level_split_without_a_split_column(mil_cohort, tmp_path):
     assert len(train) + len(val) == 20 and len(val) >= 2
     assert not {s.patient for s in train} & {s.patient for s in val}
     assert {s.label for s in val} == {"normal", "tumour"}
+
+
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_other_tasks_train(mil_cohort, tmp_path, task):
+    lines = (mil_cohort / "c.csv").read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines[1:]):
+        slide, label, patient, split = line.split(",")
+        label = str(float(i % 2)) if task == "regression" else ("a;b" if i % 2 else "a")
+        rows.append(f"{slide},{label},{patient},{split}")
+    data = tmp_path / f"{task}.csv"
+    data.write_text(lines[0] + "\n" + "\n".join(rows) + "\n")
+    best = "mae" if task == "regression" else "auc"
+    run = train_mil(
+        _cfg(mil_cohort, tmp_path, data=str(data), task=task, epochs=1, best_metric=best)
+    )
+    row = next(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert ("val_mae" in row) if task == "regression" else ("val_auc" in row)
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["task"] == task and ckpt["model"]["outputs"] == (1 if task == "regression" else 2)

@@ -219,6 +219,7 @@ def _mil_step(out: Path, cohort: Cohort, s: DemoSettings, workers: int) -> None:
             data=str(out / "cohort.csv"),
             features=str(out / "features"),
             epochs=s.mil_epochs,
+            lr=1e-3,
             out=str(out / "runs"),
             name="mil_classifier",
             seed=s.seed,
