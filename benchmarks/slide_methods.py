@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=64, help="MIL patch size (px)")
     ap.add_argument("--patch-mpp", type=float, default=2.0)
     ap.add_argument("--mil-epochs", type=int, default=20)
-    ap.add_argument("--mil-lr", type=float, default=1e-3, help="train-mil AdamW lr (1e-3)")
+    ap.add_argument("--mil-lr", type=float, default=2e-4, help="train-mil AdamW lr (2e-4)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")

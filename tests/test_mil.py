@@ -122,7 +122,7 @@ def test_abmil_learns_and_attends_to_tumour(mil_cohort, tmp_path):
         share = _tumour_share(entry.path, coords, float(rows[0]["w"]))
         gains.append((att * share).sum() / share.mean())  # > 1: attention favours tumour
     assert roc_auc_score(y, p) >= 0.9
-    assert np.mean(gains) > 1.1 and min(gains) > 1.0, gains  # measured: 1.16-1.22
+    assert np.mean(gains) > 2.5 and min(gains) > 2.0, gains  # measured: 3.2-3.6
     stem = val.slides[1].path.stem
     for suffix in ("attention.npy", "attention.png", "attention.geojson"):
         assert (tmp_path / "pred" / f"{stem}.{suffix}").is_file()

@@ -122,6 +122,16 @@ class FeatureBags(Dataset):
         """Feature size D (from the first file)."""
         return int(read_features(feature_path(self.folder, self.entries[0].path))[0].shape[1])
 
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-feature mean and standard deviation (D,) float32 over every instance."""
+        total, sq, n = 0.0, 0.0, 0
+        for entry in self.entries:
+            feats = read_features(feature_path(self.folder, entry.path))[0].astype(np.float64)
+            total, sq, n = total + feats.sum(0), sq + (feats**2).sum(0), n + len(feats)
+        mean = np.asarray(total) / max(n, 1)
+        std = np.sqrt(np.maximum(np.asarray(sq) / max(n, 1) - mean**2, 0.0))
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.entries[i]
         feats, coords, _ = read_features(feature_path(self.folder, entry.path))

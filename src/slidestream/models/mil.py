@@ -1,6 +1,7 @@
 """Multiple-instance learning (MIL) over frozen patch features, and the patch encoders.
 
-A bag is one slide: ``(N, D)`` float features of its N patches. :class:`MILModel` embeds each
+A bag is one slide: ``(N, D)`` float features of its N patches. :class:`MILModel` standardises
+each feature (training-set mean and standard deviation, kept as buffers), embeds each
 instance (Linear → ReLU → dropout to ``hidden``), pools the bag with an aggregator and applies a
 linear head. Every aggregator returns the pooled ``(hidden,)`` vector and one non-negative
 weight per instance summing to 1 (the attention heatmap):
@@ -148,6 +149,14 @@ class MILModel(nn.Module):
         }
         self.pool = pools[spec.aggregator]()
         self.fc = nn.Linear(h, spec.outputs)
+        # per-feature standardisation (training-set statistics, saved with the weights)
+        self.register_buffer("feat_mean", torch.zeros(spec.in_dim))
+        self.register_buffer("feat_std", torch.ones(spec.in_dim))
+
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Subtract ``mean`` and divide by ``std`` (both (D,)) before the instance embedding."""
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std.clamp_min(1e-6))
 
     def forward_attention(self, bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, outputs) logits and (N,) float32 instance weights of one bag (N, D)."""
@@ -155,6 +164,7 @@ class MILModel(nn.Module):
             bag = bag[0]
         if bag.dim() != 2 or bag.shape[0] == 0:
             raise ConfigError(f"a bag must be (N, D) with N >= 1, got {tuple(bag.shape)}")
+        bag = (bag - self.feat_mean.to(bag.dtype)) / self.feat_std.to(bag.dtype)
         pooled, weights = self.pool(self.embed(bag))
         return self.fc(pooled)[None], weights.float()
 

@@ -134,7 +134,10 @@ class MILTask(Task):
 
     def setup(self, device: torch.device, rank: int, world: int, channels_last: bool) -> None:
         self.device, self.rank, self.world = device, rank, world
-        self.model = MILModel(self.spec).to(device)
+        self.model = MILModel(self.spec)
+        if self.cfg.standardize:
+            self.model.set_standardization(*self.train_ds.statistics())
+        self.model.to(device)
         weight = self._class_weights()
         self.weight = weight.to(device) if weight is not None else None
 

@@ -23,6 +23,7 @@ class MILTrainConfig:
     hidden: int = 256  # instance embedding size
     dropout: float = 0.25
     layers: int = 2  # transformer blocks of transmil
+    standardize: bool = True  # per-feature mean/std of the training instances, kept in the model
     max_instances: int | None = 4096  # random instances per training bag (none: all)
     class_weighting: str = "none"  # none | balanced (binary/multiclass loss weights)
     epochs: int = 20
