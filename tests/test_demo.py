@@ -29,7 +29,7 @@ def test_demo_report_and_held_out_auc(demo):
         assert m["slides"] >= 4 and m["auc"] >= 0.8, (name, m)
     assert "Streaming vs MIL on the held-out slides" in html
     mil = held_out_metrics(demo / "predict_mil" / "predictions.csv")
-    assert mil["slides"] >= 4 and mil["auc"] == mil["auc"], mil  # reported, not thresholded
+    assert mil["slides"] >= 4 and mil["auc"] >= 0.8, mil
     assert list((demo / "predict_mil").glob("*.attention.png"))
     imgs = {p.name for p in (demo / "report" / "img").iterdir()}
     assert any(n.endswith(".heatmap.png") for n in imgs) and any(
