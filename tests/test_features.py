@@ -120,3 +120,12 @@ def test_bad_slides_are_listed_and_shards_parsed(cohort_csv, tmp_path):
     )
     assert rc == 1  # the broken slide (index 4) is in shard 0
     assert len(list((tmp_path / "cli").glob("*.h5"))) == 2
+
+
+def test_torchrun_rank_is_the_default_shard(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_shard(None) == (1, 3)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert parse_shard(None) == (0, 1)
