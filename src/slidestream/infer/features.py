@@ -94,6 +94,8 @@ class FeatureExtractor:
 
     ``mpp`` µm/px (None: native pixels) and ``size`` px define the patches; ``min_tissue`` the
     tissue fraction a patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features.
+    The encoder is built under seed 0, so a random-init encoder has the same weights (and
+    weights hash) in every run: resuming and prediction recompute the same features.
     """
 
     def __init__(
@@ -116,7 +118,9 @@ class FeatureExtractor:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
         self.sampler = GridPatchSampler(size, mpp, min_tissue=min_tissue)
         self.device = resolve_device(device)
-        self.model = create_encoder(encoder, weights).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # random init is the same in every run
+            torch.manual_seed(0)
+            self.model = create_encoder(encoder, weights).to(self.device)
         self.batch_size, self.workers, self.dtype, self.backend = (
             batch_size,
             workers,
