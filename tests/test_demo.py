@@ -27,6 +27,10 @@ def test_demo_report_and_held_out_auc(demo):
     for name in ("predict/predictions.csv", "predict_slide/predictions.csv"):
         m = held_out_metrics(demo / name)
         assert m["slides"] >= 4 and m["auc"] >= 0.8, (name, m)
+    assert "Streaming vs MIL on the held-out slides" in html
+    mil = held_out_metrics(demo / "predict_mil" / "predictions.csv")
+    assert mil["slides"] >= 4 and mil["auc"] >= 0.8, mil
+    assert list((demo / "predict_mil").glob("*.attention.png"))
     imgs = {p.name for p in (demo / "report" / "img").iterdir()}
     assert any(n.endswith(".heatmap.png") for n in imgs) and any(
         n.endswith(".qc.png") for n in imgs

@@ -27,6 +27,8 @@ _COMMANDS = (
     "train_patches",
     "prepare",
     "train",
+    "features",
+    "train_mil",
     "predict",
     "check_streaming",
 )

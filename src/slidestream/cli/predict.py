@@ -72,6 +72,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="minimum tissue fraction of a tile to be predicted, 0-1 (default: 0.25)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--features",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="feature files of the slides, for MIL checkpoints (default: computed)",
+    )
     add_backend_option(p)
     add_slide_mpp_option(p)
     p.set_defaults(func=run)
@@ -99,6 +106,17 @@ def run(args: argparse.Namespace) -> int:
     if kind == "streaming":
         predictor = StreamingPredictor(args.checkpoint, device=args.device)
         extra = {}
+    elif kind == "mil":
+        from slidestream.infer.mil import MILPredictor
+
+        predictor = MILPredictor(
+            args.checkpoint,
+            features_dir=args.features,
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        extra = {"geojson": args.geojson}
     else:
         predictor = PatchPredictor(
             args.checkpoint,
@@ -111,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_colors(args.out, predictor.classes)
-        if kind != "streaming":
+        if kind == "patch":
             drawn = predictor.heatmap_class(args.target)
             how = "--class" if args.target else "the default; choose with --class"
             print(

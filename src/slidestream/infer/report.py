@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def write_report(root: str | Path, title: str = "slidestream report") -> Path:
     parts = [f"<h1>{html.escape(title)}</h1>", _about_section(root, about)]
     if preds:
         parts.append(results_section(root, preds, img, about))
+        parts.append(_methods_section(root))
     for run in runs:
         parts.append(_run_section(root, run, img))
     parts.append(_slides_section(root, preds, img, about))
@@ -308,3 +310,35 @@ def _call(pred_csv: Path, r: dict[str, str]) -> str:
         f"<b>{html.escape(pred_csv.parent.name)}</b>: <span class='{ok}'>{html.escape(call)}"
         f"</span> ({html.escape(detail)}); truth {html.escape(truth or 'unknown')}"
     )
+
+
+def _methods_section(root: Path) -> str:
+    """Streaming vs MIL side by side on the held-out slides (the ``predict_slide`` and
+    ``predict_mil`` prediction tables the demo writes); empty without both."""
+    tables = {"streaming": root / "predict_slide", "MIL": root / "predict_mil"}
+    if not all((d / "predictions.csv").is_file() for d in tables.values()):
+        return ""
+    rows = {
+        name: {_source_of(r["slide"]): r for r in _read_csv(d / "predictions.csv")}
+        for name, d in tables.items()
+    }
+    metrics = {name: held_out_metrics(d / "predictions.csv") for name, d in tables.items()}
+    pos = metrics["streaming"].get("positive", "tumour")
+    head = "".join(f"<th>{n} p({html.escape(pos)})</th>" for n in tables)
+    parts = [
+        "<h2>Streaming vs MIL on the held-out slides</h2><p>The same slides, labels and "
+        "splits: the streamed CNN trained end to end on whole images, and gated-attention MIL "
+        "on frozen patch features.</p><table><tr><th>slide</th>"
+        f"<th>truth</th>{head}</tr>"
+    ]
+    for slide in sorted(rows["streaming"]):
+        label = rows["streaming"][slide].get("label", "")
+        cells = "".join(
+            f"<td>{_fmt(_num(rows[n].get(slide, {}).get(f'p_{pos}', '')))}</td>" for n in tables
+        )
+        parts.append(
+            f"<tr><td>{html.escape(Path(slide).stem)}</td><td>{html.escape(label)}</td>{cells}</tr>"
+        )
+    aucs = "".join(f"<td><b>{_fmt(metrics[n].get('auc', math.nan))}</b></td>" for n in tables)
+    parts.append(f"<tr><td><b>AUC</b></td><td></td>{aucs}</tr></table>")
+    return "".join(parts)

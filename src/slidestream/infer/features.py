@@ -1,0 +1,232 @@
+"""Patch features of whole slides with a frozen encoder (``slidestream features``).
+
+For each slide: tissue detection, a :class:`~slidestream.sampling.GridPatchSampler` grid of
+``size`` px patches at ``mpp`` µm/px inside tissue, read by DataLoader workers while the encoder
+runs batched on the device (autocast on CUDA), and one HDF5 file per slide written atomically
+(see :mod:`slidestream.data.features`). Slides whose file exists with the same encoder, weights,
+mpp and size are skipped (resume); a file made with other settings stops the run. The cohort is
+split into shards ``i/n`` (every n-th slide from i: cluster array jobs, or the torchrun rank), so
+no slide is done twice; unreadable slides are listed, not fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from slidestream.data.features import feature_path, read_features, write_features
+from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, normalize, resolve_device
+from slidestream.errors import ConfigError, SlideStreamError
+from slidestream.io import Slide, open_slide
+from slidestream.models.mil import create_encoder
+from slidestream.sampling import Cohort, GridPatchSampler, PatchLocation
+from slidestream.tissue import detect_tissue
+
+__all__ = ["FeatureExtractor", "FeatureReport", "extract_cohort", "parse_shard", "weights_hash"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 <= i < n; None → this torchrun rank (RANK/WORLD_SIZE) or 0/1."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
+    return i, n
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-1 (12 hex) of a model's state dict: names, shapes and values."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class _Patches(Dataset):
+    """Grid patches of one slide as uint8 (3, H, W); each worker opens its own handle."""
+
+    def __init__(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> None:
+        self.slide, self.sampler, self.xy = slide, sampler, xy
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x, y = (int(v) for v in self.xy[i])
+        pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+@dataclass
+class FeatureReport:
+    """What one shard did: slides written, skipped (already done) and failed (path → error)."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    patches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / max(self.seconds, 1e-9)
+
+
+class FeatureExtractor:
+    """A frozen encoder ready to turn slides into feature files.
+
+    ``mpp`` µm/px (None: native pixels) and ``size`` px define the patches; ``min_tissue`` the
+    tissue fraction a patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features.
+    The encoder is built under seed 0, so a random-init encoder has the same weights (and
+    weights hash) in every run: resuming and prediction recompute the same features.
+    """
+
+    def __init__(
+        self,
+        encoder: str,
+        *,
+        weights: str | None = None,
+        mpp: float | None = 0.5,
+        size: int = 224,
+        min_tissue: float = 0.5,
+        batch_size: int = 64,
+        workers: int = 2,
+        dtype: str = "float16",
+        device: str = "auto",
+        backend: str = "auto",
+    ) -> None:
+        if dtype not in ("float16", "float32"):
+            raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
+        if batch_size < 1 or workers < 0:
+            raise ConfigError("batch_size must be >= 1 and workers >= 0")
+        self.sampler = GridPatchSampler(size, mpp, min_tissue=min_tissue)
+        self.device = resolve_device(device)
+        with torch.random.fork_rng(devices=[]):  # random init is the same in every run
+            torch.manual_seed(0)
+            self.model = create_encoder(encoder, weights).to(self.device)
+        self.batch_size, self.workers, self.dtype, self.backend = (
+            batch_size,
+            workers,
+            dtype,
+            backend,
+        )
+        self.attrs: dict[str, Any] = {
+            "encoder": encoder,
+            "weights": str(weights) if weights else "none",
+            "weights_hash": weights_hash(self.model),
+            "mpp": float(mpp or 0.0),
+            "size": size,
+            "min_tissue": min_tissue,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        }
+
+    @torch.no_grad()
+    def encode(self, slide: Slide, xy: np.ndarray) -> np.ndarray:
+        """(N, D) float32 features of the patches at ``xy`` (level-0 px) of ``slide``."""
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(
+            _Patches(slide, self.sampler, xy),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            pin_memory=cuda,
+        )
+        amp = (
+            torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        )
+        out = []
+        for batch in loader:
+            with amp:
+                feats = self.model(normalize(batch, device=self.device))
+            out.append(feats.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def is_done(self, path: Path) -> bool:
+        """True when ``path`` holds features with these settings; ConfigError for others."""
+        if not path.is_file():
+            return False
+        _, _, attrs = read_features(path)
+        keys = ("encoder", "weights_hash", "mpp", "size")
+        if any(attrs.get(k) != self.attrs[k] for k in keys):
+            theirs = {k: attrs.get(k) for k in keys}
+            raise ConfigError(
+                f"{path} holds features made with {theirs}; use another --out for these settings"
+            )
+        return True
+
+    def slide(self, path: str | os.PathLike[str], out: Path, slide_mpp: float | None = None) -> int:
+        """Write the feature file of one slide; returns its number of patches."""
+        slide = open_slide(path, backend=self.backend, mpp=slide_mpp)
+        mask = detect_tissue(slide, cache_dir=out / "masks")
+        locs = self.sampler.locations(slide, mask)
+        xy = locs[:, :2].astype(np.int64)
+        feats = self.encode(slide, xy)
+        attrs = {
+            **self.attrs,
+            "slide": str(path),
+            "size0": list(self.sampler.geometry(slide).size0),
+        }
+        write_features(feature_path(out, path), feats.astype(self.dtype), xy, attrs)
+        return len(xy)
+
+
+def extract_cohort(
+    cohort: Cohort,
+    out: str | os.PathLike[str],
+    extractor: FeatureExtractor,
+    shard: tuple[int, int] = (0, 1),
+    on_slide: Callable[[str, int], None] | None = None,
+) -> FeatureReport:
+    """Feature files of shard ``i/n`` of ``cohort`` (every n-th slide from i) in ``out``;
+    ``on_slide(path, patches)`` after each slide (0 patches: skipped or failed).
+
+    Raises ConfigError when two slides share a file stem or ``out`` holds features of other
+    settings; unreadable slides are listed in the report (and in ``out/failed.<i>of<n>.txt``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stems: dict[str, Path] = {}
+    for entry in cohort:
+        other = stems.setdefault(entry.path.stem, entry.path)
+        if other != entry.path:
+            raise ConfigError(f"{other} and {entry.path} share the name {entry.path.stem}.h5")
+    i, n = shard
+    report, t0 = FeatureReport(), time.perf_counter()
+    for entry in cohort.slides[i::n]:
+        target = feature_path(out, entry.path)
+        count = 0
+        if extractor.is_done(target):
+            report.skipped.append(str(entry.path))
+        else:
+            try:
+                count = extractor.slide(entry.path, out, entry.mpp)
+                report.written.append(str(entry.path))
+            except SlideStreamError as exc:
+                report.failed[str(entry.path)] = str(exc)
+                log.warning("features of %s failed: %s", entry.path, exc)
+        report.patches += count
+        if on_slide is not None:
+            on_slide(str(entry.path), count)
+    report.seconds = time.perf_counter() - t0
+    failed = out / f"failed.{i}of{n}.txt"
+    if report.failed:
+        failed.write_text("".join(f"{p}\t{e}\n" for p, e in report.failed.items()))
+    else:
+        failed.unlink(missing_ok=True)
+    return report
