@@ -152,14 +152,6 @@ class MILTask(Task):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "lr": self.cfg.lr}]
 
-    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(
-                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     # --- training ----------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
         """This rank's bags of ``epoch``: one seeded permutation, every world-th from rank."""

@@ -156,14 +156,6 @@ class PatchTask(Task):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "lr": self.cfg.lr}]
 
-    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        if cfg.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-
     def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
         total = steps_per_epoch * self.cfg.epochs
         if self.cfg.schedule != "cosine":

@@ -212,14 +212,6 @@ class SlideTask(Task):
             {"params": list(self.model.trunk.parameters()), "lr": trunk_lr},
         ]
 
-    def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(
-                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-            )
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     # --- training ----------------------------------------------------------------------------
     def start_epoch(self, epoch: int) -> None:
         cfg = self.cfg

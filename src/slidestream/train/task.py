@@ -52,6 +52,7 @@ class Task(ABC):
     """
 
     kind: str = ""
+    cfg: Any  # the trainer's config dataclass
     model: nn.Module
     classes: list[str]
 
@@ -66,9 +67,15 @@ class Task(ABC):
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups (``params`` and ``lr`` at least)."""
 
-    @abstractmethod
     def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        """The optimizer over ``groups``."""
+        """The optimizer over ``groups``, from the task's config (``self.cfg``): ``optimizer``
+        ``sgd`` (with ``momentum``) or ``adamw``, ``lr`` and ``weight_decay``."""
+        cfg = self.cfg
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
         """A per-step LR scheduler (or None)."""
