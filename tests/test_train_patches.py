@@ -51,6 +51,8 @@ def test_train_from_database_learns_and_resumes(database, tmp_path):
     assert float(rows[-1]["val_accuracy"]) >= 0.8
     for name in ("config.yaml", "last.pt", "best.pt", "curves.png", "val_grid_epoch2.png"):
         assert (run / name).exists(), name
+    for name in ("curves", "roc", "pr", "confusion"):  # PNG each epoch, SVG after the last
+        assert (run / f"{name}.png").exists() and (run / f"{name}.svg").exists(), name
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["kind"] == "patch" and ckpt["classes"] == ["inflamed", "normal", "tumour"]
     assert ckpt["patch_size"] == 48 and ckpt["mpp"] == 1.0 and ckpt["model"]["name"] == "resnet18"

@@ -1,7 +1,7 @@
 """Charts with real axes, drawn with matplotlib (Agg, no display): training curves, ROC and
 precision–recall curves with their AUC, confusion matrices, calibration. Every function returns
-a ``matplotlib.figure.Figure``; :func:`save` writes it as PNG and SVG, :func:`to_array` gives
-(H, W, 3) uint8 pixels for TensorBoard."""
+a ``matplotlib.figure.Figure``; :func:`save` writes it as PNG and/or SVG, :func:`to_array` gives
+(H, W, 3) uint8 pixels (for a PNG or TensorBoard from one draw)."""
 
 from __future__ import annotations
 

@@ -150,6 +150,7 @@ class _Loop:
                     self.summary(),
                     evaluation,
                     keep_epoch=self.s.average_window > 0,
+                    final=self.epoch == self.s.epochs,
                 )
                 self.task.epoch_images(self.epoch, self.log.history)
             barrier(self.world, f"after epoch {self.epoch}")

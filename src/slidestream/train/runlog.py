@@ -166,6 +166,7 @@ class RunLog:
         summary: dict[str, Any],
         evaluation: dict[str, Any] | None = None,
         keep_epoch: bool = False,
+        final: bool = False,
     ) -> bool:
         """Record epoch ``row`` and write the run folder in crash-safe order; returns whether
         it is the best epoch so far. ``evaluation``: ``y`` (N,) labels, ``probs`` (N, C),
@@ -187,7 +188,7 @@ class RunLog:
         if keep_epoch:
             save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", ckpt)
         self._write_tables(summary)
-        self._pictures(row, evaluation)
+        self._pictures(row, evaluation, final)
         if self.on_epoch is not None:
             self.on_epoch(row)
         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
@@ -216,9 +217,12 @@ class RunLog:
         }
         _write_atomic(self.run / "summary.json", json.dumps(full, indent=1))
 
-    def _pictures(self, row: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
-        """curves.png/.svg from the history; after a validation, roc/pr/confusion (and for
-        two classes calibration) .png/.svg; all of them into TensorBoard as images."""
+    def _pictures(
+        self, row: dict[str, Any], evaluation: dict[str, Any] | None, final: bool
+    ) -> None:
+        """curves.png from the history; after a validation, roc/pr/confusion (and for two
+        classes calibration) .png; all of them into TensorBoard as images; with ``final``
+        (the last epoch) also as .svg."""
         from slidestream import charts
 
         keys = ["train_loss", f"val_{self.rule.name}", "val_loss", "lr", "images_per_s"]
@@ -236,9 +240,14 @@ class RunLog:
         for k, v in row.items():
             if k != "epoch" and isinstance(v, float | int) and math.isfinite(float(v)):
                 tb.add_scalar(k.replace("_", "/", 1), float(v), step)
+        from PIL import Image
+
         for name, fig in figures.items():
-            charts.save(fig, self.run / f"{name}.png")
-            tb.add_image(f"charts/{name}", charts.to_array(fig), step, dataformats="HWC")
+            pixels = charts.to_array(fig)  # one Agg draw serves the PNG and TensorBoard
+            Image.fromarray(pixels).save(self.run / f"{name}.png")
+            tb.add_image(f"charts/{name}", pixels, step, dataformats="HWC")
+            if final:  # vector copies once, at the end of training
+                charts.save(fig, self.run / f"{name}.svg", formats=("svg",))
         tb.flush()
 
     def tensorboard(self) -> Any:
