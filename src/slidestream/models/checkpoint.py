@@ -65,7 +65,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
 
 
 def clean_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temporary files (``.NAME.PID.XXXX.tmp``) left in ``folder`` by writers that were
+    """Delete temporary files (``.NAME.PID.<random>.tmp``) left in ``folder`` by writers that were
     killed: those whose process is gone. Returns how many were removed."""
     import psutil
 
