@@ -75,8 +75,14 @@ class GpuSampler:
         self.stop.set()
 
     def busy(self) -> float | None:
+        """Share of samples in which any kernel ran (NVML utilisation > 0)."""
         s = self.samples
         return round(sum(v > 0 for v in s) / len(s), 3) if s else None
+
+    def mean(self) -> float | None:
+        """Mean NVML utilisation (share of each sample period with a kernel running), 0..1."""
+        s = self.samples
+        return round(sum(s) / len(s) / 100.0, 3) if s else None
 
 
 def _sync(device: torch.device) -> None:
@@ -198,6 +204,7 @@ def speed_run(out: Path, slides: int, image: int, device_name: str, workers: int
         "vs_ceiling": round(float(last["images_per_s"]) / ceiling, 3),
         "data_wait_frac": round(float(last["data_wait_s"]) / wall, 3),
         "gpu_busy_frac": gpu.busy(),
+        "gpu_util_mean": gpu.mean(),
         "peak_mem_gb": float(last["peak_mem_gb"]),
         "streamed_step_s": round(streamed_s, 4),
         "conventional_step_s": round(conventional_s, 4),
