@@ -132,3 +132,18 @@ def test_torchrun_rank_is_the_default_shard(monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert parse_shard(None) == (0, 1)
+
+
+def test_write_features_refuses_nan_rows(tmp_path):
+    import numpy as np
+    import pytest
+
+    from slidestream.data.features import write_features
+    from slidestream.errors import ConfigError
+
+    feats = np.ones((3, 4), np.float32)
+    feats[1, 2] = np.nan
+    out = tmp_path / "s.h5"
+    with pytest.raises(ConfigError, match=r"s\.h5: 1 of 3 feature rows are NaN/Inf"):
+        write_features(out, feats, np.zeros((3, 2)), {"slide": "a/s.svs"})
+    assert not out.exists()

@@ -52,6 +52,12 @@ def write_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(features) != len(coords):
         raise ConfigError(f"{path}: {len(features)} feature rows but {len(coords)} coords")
+    bad = int((~np.isfinite(features).all(axis=-1)).sum()) if np.size(features) else 0
+    if bad:
+        raise ConfigError(
+            f"{path}: {bad} of {len(features)} feature rows are NaN/Inf; check the encoder "
+            f"weights and the slide {attrs.get('slide', '')}"
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
