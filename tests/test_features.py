@@ -147,3 +147,21 @@ def test_write_features_refuses_nan_rows(tmp_path):
     with pytest.raises(ConfigError, match=r"s\.h5: 1 of 3 feature rows are NaN/Inf"):
         write_features(out, feats, np.zeros((3, 2)), {"slide": "a/s.svs"})
     assert not out.exists()
+
+
+def test_read_features_refuses_nan_and_mismatched_coords(tmp_path):
+    import h5py
+    import numpy as np
+    import pytest
+
+    from slidestream.data.features import read_features
+    from slidestream.errors import ConfigError
+
+    for name, feats, coords in [
+        ("nan.h5", np.full((2, 3), np.nan, np.float32), np.zeros((2, 2))),
+        ("short.h5", np.ones((3, 3), np.float32), np.zeros((2, 2))),
+    ]:
+        with h5py.File(tmp_path / name, "w") as f:
+            f["features"], f["coords"] = feats, coords
+        with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+            read_features(tmp_path / name)

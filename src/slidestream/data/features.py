@@ -79,11 +79,17 @@ def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            return f["features"][()], f["coords"][()], attrs
+            feats, coords = f["features"][()], f["coords"][()]
     except (OSError, KeyError) as exc:
         raise ConfigError(
             f"cannot read feature file {path} ({exc}); re-run slidestream features"
         ) from exc
+    if len(feats) != len(coords) or (np.size(feats) and not np.isfinite(feats).all()):
+        raise ConfigError(
+            f"feature file {path} is inconsistent ({len(feats)} rows, {len(coords)} coords, "
+            "or NaN/Inf values); re-run slidestream features for that slide"
+        )
+    return feats, coords, attrs
 
 
 class FeatureBags(Dataset):
