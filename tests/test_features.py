@@ -132,3 +132,36 @@ def test_torchrun_rank_is_the_default_shard(monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert parse_shard(None) == (0, 1)
+
+
+def test_write_features_refuses_nan_rows(tmp_path):
+    import numpy as np
+    import pytest
+
+    from slidestream.data.features import write_features
+    from slidestream.errors import ConfigError
+
+    feats = np.ones((3, 4), np.float32)
+    feats[1, 2] = np.nan
+    out = tmp_path / "s.h5"
+    with pytest.raises(ConfigError, match=r"s\.h5: 1 of 3 feature rows are NaN/Inf"):
+        write_features(out, feats, np.zeros((3, 2)), {"slide": "a/s.svs"})
+    assert not out.exists()
+
+
+def test_read_features_refuses_nan_and_mismatched_coords(tmp_path):
+    import h5py
+    import numpy as np
+    import pytest
+
+    from slidestream.data.features import read_features
+    from slidestream.errors import ConfigError
+
+    for name, feats, coords in [
+        ("nan.h5", np.full((2, 3), np.nan, np.float32), np.zeros((2, 2))),
+        ("short.h5", np.ones((3, 3), np.float32), np.zeros((2, 2))),
+    ]:
+        with h5py.File(tmp_path / name, "w") as f:
+            f["features"], f["coords"] = feats, coords
+        with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+            read_features(tmp_path / name)

@@ -52,6 +52,12 @@ def write_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(features) != len(coords):
         raise ConfigError(f"{path}: {len(features)} feature rows but {len(coords)} coords")
+    bad = int((~np.isfinite(features).all(axis=-1)).sum()) if np.size(features) else 0
+    if bad:
+        raise ConfigError(
+            f"{path}: {bad} of {len(features)} feature rows are NaN/Inf; check the encoder "
+            f"weights and the slide {attrs.get('slide', '')}"
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
@@ -73,11 +79,17 @@ def read_features(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            return f["features"][()], f["coords"][()], attrs
+            feats, coords = f["features"][()], f["coords"][()]
     except (OSError, KeyError) as exc:
         raise ConfigError(
             f"cannot read feature file {path} ({exc}); re-run slidestream features"
         ) from exc
+    if len(feats) != len(coords) or (np.size(feats) and not np.isfinite(feats).all()):
+        raise ConfigError(
+            f"feature file {path} is inconsistent ({len(feats)} rows, {len(coords)} coords, "
+            "or NaN/Inf values); re-run slidestream features for that slide"
+        )
+    return feats, coords, attrs
 
 
 class FeatureBags(Dataset):
