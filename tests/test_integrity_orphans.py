@@ -47,6 +47,19 @@ def _gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
         time.sleep(0.1)
 
 
+def _spawned_workers(parent: psutil.Process) -> list[psutil.Process]:
+    """``parent``'s live multiprocessing-spawn children; ones that exit (or turn zombie) while
+    being read are skipped."""
+    workers = []
+    for c in parent.children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(c.cmdline()):
+                workers.append(c)
+        except psutil.Error:  # NoSuchProcess, ZombieProcess, AccessDenied: not a live worker
+            pass
+    return workers
+
+
 def test_workers_die_with_prepare_and_the_rerun_completes(cohort_csv, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
@@ -70,9 +83,7 @@ def test_workers_die_with_prepare_and_the_rerun_completes(cohort_csv, tmp_path):
     deadline = time.monotonic() + 120
     workers: list[psutil.Process] = []
     while time.monotonic() < deadline and proc.poll() is None:
-        workers = [
-            c for c in parent.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())
-        ]
+        workers = _spawned_workers(parent)
         busy = out.is_dir() and any(p.name != "prepared.csv.lock" for p in out.rglob("*"))
         if len(workers) >= 2 and busy:
             break
