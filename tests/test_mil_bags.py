@@ -5,17 +5,25 @@ refused in one line naming the file."""
 from __future__ import annotations
 
 import csv
+import json
+import logging
+import re
 
 import h5py
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import slidestream as ss
 from slidestream.data.feature_folder import FeatureFolder
-from slidestream.data.features import FeatureBags, read_features, write_features
+from slidestream.data.features import FeatureBags, read_features, value_sums, write_features
 from slidestream.infer.features import FeatureExtractor, extract_cohort
+from slidestream.models.mil import AGGREGATORS, MILModel, MILSpec
 from slidestream.sampling import load_cohort
 from slidestream.sampling.naming import path_hash
 from slidestream.synthetic import write_synthetic_slide
+from slidestream.train.mil import train_mil
 from slidestream.train.mil_config import MILTrainConfig
 
 ATTRS = {"encoder": "mean_rgb", "weights_hash": "abc123", "mpp": 2.0, "size": 32}
@@ -112,7 +120,8 @@ def test_files_of_moved_slides_are_matched_by_their_folders(same_stem, tmp_path)
 def _bag(folder, name, rows, dim=6, seed=0, **attrs):
     feats = np.random.default_rng(seed).normal(size=(rows, dim)).astype(np.float32)
     coords = np.arange(2 * rows, dtype=np.int64).reshape(rows, 2) * 32
-    write_features(folder / f"{name}.h5", feats, coords, {**ATTRS, "slide": name, **attrs})
+    slide = folder.parent / "slides" / f"{name}.tiff"
+    write_features(folder / f"{name}.h5", feats, coords, {**ATTRS, "slide": str(slide), **attrs})
     return folder / f"{name}.h5"
 
 
@@ -139,3 +148,181 @@ def _cfg(tmp_path, **kw):
         device="cpu",
     )
     return MILTrainConfig(**{**base, **kw})
+
+
+def _raw(path, feats, coords, **attrs):
+    """An HDF5 file written without write_features' checks (what a broken tool could leave)."""
+    with h5py.File(path, "w") as f:
+        if feats is not None:
+            f["features"] = feats
+        f["coords"] = coords
+        slide = path.parent.parent / "slides" / f"{path.stem}.tiff"
+        for k, v in {**ATTRS, "slide": str(slide), **attrs}.items():
+            f.attrs[k] = v
+
+
+def _bad_bags(f):
+    """One of each kind of bad bag in folder ``f``: {slide name: what its message names}."""
+    _bag(f, "empty", 0)
+    nan = np.ones((5, 6), np.float32)
+    nan[2] = np.nan
+    _raw(f / "nanrows.h5", nan, np.zeros((5, 2), np.int64))
+    _raw(f / "inf.h5", np.full((4, 6), np.inf, np.float32), np.zeros((4, 2), np.int64))
+    _raw(f / "nofeat.h5", None, np.zeros((4, 2), np.int64))
+    _raw(f / "short.h5", np.ones((4, 6), np.float32), np.zeros((3, 2), np.int64))
+    whole = _bag(f, "trunc", 50).read_bytes()
+    (f / "trunc.h5").write_bytes(whole[: len(whole) // 2])
+    names = ["empty", "nanrows", "inf", "nofeat", "short", "trunc", "missing"]
+    return {n: ("missing.h5" if n == "missing" else f"{n}.h5") for n in names}
+
+
+def test_train_mil_skips_and_names_every_bad_bag(tmp_path, caplog):
+    f = tmp_path / "f"
+    good = [f"g{i}" for i in range(6)] + ["one"]
+    for i, name in enumerate(good):
+        _bag(f, name, 1 if name == "one" else 20 + i, seed=i)
+    bad = _bad_bags(f)
+    names = good + list(bad)
+    _cohort(tmp_path, names, ["normal", "tumour"] * 3 + ["tumour"] + ["normal"] * len(bad))
+    with caplog.at_level(logging.WARNING, "slidestream.train.mil"):
+        run = train_mil(_cfg(tmp_path, model="abmil"))
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == 2 and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    skipped = json.loads((run / "summary.json").read_text())["skipped_slides"]
+    by_name = {k.rsplit("/", 1)[-1].removesuffix(".tiff"): v for k, v in skipped.items()}
+    assert set(by_name) == set(bad)
+    for name, file in bad.items():
+        assert file in by_name[name], (name, by_name[name])
+    assert "empty bag" in by_name["empty"] and "NaN/Inf" in by_name["nanrows"]
+    assert "1 of 5 rows" in by_name["nanrows"] and "damaged" in by_name["trunc"]
+    text = caplog.text
+    assert "left out 1 of 14 training slides without a feature file" in text
+    assert "left out 1 of 14 training slides with an empty bag" in text
+    assert "left out 5 of 14 training slides with an unreadable or NaN/Inf" in text
+
+
+@pytest.mark.parametrize("aggregator", AGGREGATORS)
+def test_a_bag_of_one_patch_trains_with_every_aggregator(aggregator):
+    torch.manual_seed(0)
+    model = MILModel(MILSpec(in_dim=6, outputs=2, aggregator=aggregator, hidden=16))
+    model.set_standardization(torch.zeros(6), torch.zeros(6))  # one instance: std 0
+    logits, att = model.forward_attention(torch.randn(1, 6))
+    assert torch.isfinite(logits).all() and att.tolist() == [1.0]
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([1]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
+
+
+def test_statistics_stay_finite_and_huge_bags_are_read_in_part(tmp_path):
+    f = tmp_path / "f"
+    _bag(f, "big", 5000, seed=1)
+    _raw(f / "nan.h5", np.full((3, 6), np.nan, np.float32), np.zeros((3, 2), np.int64))
+    const = np.ones((4, 6), np.float32)
+    slide = str(tmp_path / "slides" / "const.tiff")
+    write_features(f / "const.h5", const, np.zeros((4, 2)), {**ATTRS, "slide": slide})
+    _cohort(tmp_path, ["big", "nan", "const"])
+    entries = load_cohort(tmp_path / "c.csv").slides
+    bags = FeatureBags(entries, f, [np.zeros(1)] * 3, train=True, max_instances=16)
+    assert [e.path.stem for e in bags.entries] == ["big", "const"] and "nan" in str(bags.skipped)
+    mean, std = bags.statistics()
+    full = np.concatenate([read_features(f / "big.h5")[0], const]).astype(np.float64)
+    np.testing.assert_allclose(mean, full.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, full.std(0), rtol=1e-4)
+    total, sq, n = value_sums(f / "big.h5", chunk=7)  # chunked == whole
+    np.testing.assert_allclose(total, full[:5000].sum(0), rtol=1e-9)
+    assert n == 5000
+    item = bags[0]
+    assert item["features"].shape == (16, 6)
+    rows = np.sort(np.random.default_rng((0, 0, 0)).choice(5000, 16, replace=False))
+    np.testing.assert_array_equal(item["features"].numpy(), full[:5000][rows].astype(np.float32))
+    assert len(bags[1]["features"]) == 4  # small bags whole
+
+
+def test_write_refuses_float16_overflow_naming_the_fix(tmp_path):
+    feats = np.full((2, 3), np.inf, np.float16)  # what 1e6 becomes in float16
+    with pytest.raises(ss.ConfigError, match=r"x\.h5.*--dtype float32"):
+        write_features(tmp_path / "x.h5", feats, np.zeros((2, 2)), {"slide": "x"})
+
+
+@pytest.mark.parametrize(
+    ("odd", "named"),
+    [
+        ({"encoder": "resnet18"}, "encoder resnet18 (not mean_rgb)"),
+        ({"weights_hash": "fff000"}, "weights_hash fff000 (not abc123)"),
+        ({"mpp": 0.5}, "mpp 0.5 (not 2.0)"),
+        ({"size": 224}, "size 224 (not 32)"),
+        ({"dim": 8}, "dim 8 (not 6)"),
+    ],
+)
+def test_a_file_of_other_settings_is_refused_before_epoch_one(tmp_path, odd, named):
+    f = tmp_path / "f"
+    for i in range(5):
+        _bag(f, f"g{i}", 10, seed=i)
+    dim = odd.pop("dim", 6)
+    _bag(f, "odd", 10, dim=dim, **odd)
+    _cohort(tmp_path, [f"g{i}" for i in range(5)] + ["odd"])
+    with pytest.raises(ss.ConfigError, match=re.escape(f"odd.h5 was made with {named},")):
+        train_mil(_cfg(tmp_path))
+    assert not (tmp_path / "runs" / "run" / "last.pt").exists()
+
+
+def test_validation_files_must_match_the_training_files(tmp_path):
+    f = tmp_path / "f"
+    for i in range(4):
+        _bag(f, f"g{i}", 10, seed=i)
+    _bag(f, "v0", 10)
+    _bag(f, "v1", 10, encoder="uni")  # only validation bag of another encoder
+    _cohort(tmp_path, ["g0", "g1", "g2", "g3", "v0", "v1"])
+    lines = (tmp_path / "c.csv").read_text().splitlines()
+    split = ["train"] * 4 + ["val"] * 2
+    rows = [f"{line},{s}" for line, s in zip(lines[1:], split, strict=True)]
+    (tmp_path / "c.csv").write_text("slide,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ss.ConfigError, match=r"v1\.h5 was made with encoder uni"):
+        train_mil(_cfg(tmp_path))
+
+
+def test_cohorts_without_a_usable_bag_or_a_second_class_are_refused(tmp_path):
+    f = tmp_path / "f"
+    _cohort(tmp_path, ["a", "b"])
+    with pytest.raises(ss.ConfigError, match=r"no feature files .*a\.h5"):
+        train_mil(_cfg(tmp_path))  # every file missing
+    _bag(f, "a", 0)
+    _bag(f, "b", 0)
+    with pytest.raises(ss.ConfigError, match="every one of the 2 training bags .* is empty"):
+        train_mil(_cfg(tmp_path))
+    (f / "b.h5").write_bytes(b"not hdf5")
+    _cohort(tmp_path, ["a", "b", "c"])  # empty, damaged, missing
+    with pytest.raises(
+        ss.ConfigError, match=r"1 missing, 1 empty, 1 unreadable .*a\.h5 is an empty bag"
+    ):
+        train_mil(_cfg(tmp_path))
+    _bag(f, "a", 5)
+    _bag(f, "b", 5)
+    _bag(f, "c", 0)  # the only other class is an empty bag
+    _cohort(tmp_path, ["a", "b", "c"], ["normal", "normal", "tumour"])
+    with pytest.raises(ss.ConfigError, match="all have the label 'normal'.*two classes"):
+        train_mil(_cfg(tmp_path))
+
+
+def test_extraction_writes_empty_bags_with_a_reason_and_redoes_damaged_files(tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((256, 256, 3), 245, np.uint8)).save(blank)
+    tissue = write_synthetic_slide(tmp_path / "t.tiff", 512, 512, mpp=1.0, seed=4)
+    ex = FeatureExtractor("mean_rgb", mpp=None, size=32, workers=0, device="cpu")
+    cohort = load_cohort([blank, tissue])
+    report = extract_cohort(cohort, tmp_path / "f", ex)
+    assert report.empty == [str(blank)] and not report.failed
+    feats, coords, attrs = read_features(tmp_path / "f" / "blank.h5")
+    assert feats.shape[0] == 0 and coords.shape == (0, 2) and "tissue" in attrs["reason"]
+    index = (tmp_path / "f" / "index.0of1.csv").read_text()
+    assert f"{blank},blank.h5,0,empty," in index and f"{tissue},t.h5," in index
+    good = (tmp_path / "f" / "t.h5").read_bytes()
+    (tmp_path / "f" / "t.h5").write_bytes(good[:100])  # truncated (e.g. a broken copy)
+    again = extract_cohort(cohort, tmp_path / "f", ex)
+    assert again.written == [str(tissue)] and again.skipped == [str(blank)]
+    (tmp_path / "copy.h5").write_bytes(good)
+    np.testing.assert_array_equal(
+        read_features(tmp_path / "f" / "t.h5")[0], read_features(tmp_path / "copy.h5")[0]
+    )
