@@ -326,3 +326,60 @@ def test_extraction_writes_empty_bags_with_a_reason_and_redoes_damaged_files(tmp
     np.testing.assert_array_equal(
         read_features(tmp_path / "f" / "t.h5")[0], read_features(tmp_path / "copy.h5")[0]
     )
+
+
+def test_predict_finds_each_same_stem_file_and_refuses_other_settings(same_stem, tmp_path, capsys):
+    from slidestream.cli import main
+
+    d, paths = same_stem
+    feats = tmp_path / "f"
+    extract_cohort(load_cohort(d / "c.csv"), feats, _mean_rgb())
+    run = train_mil(_cfg(tmp_path, data=str(d / "c.csv"), features=str(feats), epochs=1))
+    out = tmp_path / "pred"
+    args = ["predict", str(run / "last.pt"), *map(str, paths[:2]), "--features", str(feats)]
+    assert main([*args, "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    for row, path in zip(rows, paths[:2], strict=True):
+        stored = feats / f"HE-{path_hash(path)}.h5"
+        assert row["stem"] == stored.stem and int(row["tiles"]) == len(read_features(stored)[0])
+    capsys.readouterr()
+    odd = feats / f"HE-{path_hash(paths[1])}.h5"
+    with h5py.File(odd, "a") as f:
+        f.attrs["encoder"] = "resnet18"
+    assert main([*args, "--out", str(tmp_path / "p2"), "--device", "cpu", "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"{odd.name} was made with encoder resnet18 (not mean_rgb)" in err
+    assert f"HE-{path_hash(paths[0])}" in (tmp_path / "p2" / "predictions.csv").read_text()
+
+
+def test_transmil_matches_multihead_attention_without_a_t_by_t_matrix():
+    import subprocess
+    import sys
+
+    from slidestream.models.mil import _Block
+
+    torch.manual_seed(0)
+    block = _Block(32, 4, 0.0).eval()
+    x = torch.randn(1, 50, 32)
+    y = block.norm1(x)
+    out, weights = block.attn(y, y, y, need_weights=True, average_attn_weights=True)
+    expect = x + out
+    expect = expect + block.mlp(block.norm2(expect))
+    got, att = block(x)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(att, weights[0, 0], rtol=1e-5, atol=1e-6)
+    # 6,000 instances: (T, T) attention per head would add > 500 MB (measured here: ~30 MB)
+    code = (
+        "import resource, torch\n"
+        "from slidestream.models.mil import MILModel, MILSpec\n"
+        "m = MILModel(MILSpec(in_dim=8, outputs=2, aggregator='transmil', hidden=32)).eval()\n"
+        "bag = torch.randn(6000, 8)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "with torch.no_grad():\n"
+        "    att = m.forward_attention(bag)[1]\n"
+        "grow = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
+        "print(grow, float(att.sum()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grow, total = map(float, res.stdout.split())
+    assert grow < 250 and abs(total - 1) < 1e-4, res.stdout
