@@ -383,3 +383,24 @@ def test_transmil_matches_multihead_attention_without_a_t_by_t_matrix():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     grow, total = map(float, res.stdout.split())
     assert grow < 250 and abs(total - 1) < 1e-4, res.stdout
+
+
+def test_cli_counts_left_out_slides_and_regression_refuses_nan_labels(tmp_path, capsys):
+    from pathlib import Path
+
+    from slidestream.cli import main
+    from slidestream.sampling.cohort import SlideEntry
+    from slidestream.train.mil import target_of
+
+    f = tmp_path / "f"
+    for i in range(4):
+        _bag(f, f"g{i}", 8, seed=i)
+    _bag(f, "e", 0)
+    _cohort(tmp_path, ["g0", "g1", "g2", "g3", "e", "gone"])
+    flags = ["--data", str(tmp_path / "c.csv"), "--features", str(f), "--epochs", "1"]
+    flags += ["--hidden", "16", "--out", str(tmp_path / "runs"), "--device", "cpu"]
+    assert main(["train-mil", *flags]) == 0
+    assert "2 slides left out (missing, empty or damaged bags" in capsys.readouterr().out
+    for bad in ("nan", "inf", "x"):
+        with pytest.raises(ss.ConfigError, match=r"line 3\): regression needs finite numbers"):
+            target_of("regression", [], SlideEntry(Path("a.tiff"), bad, line=3))

@@ -77,9 +77,12 @@ def target_of(task: str, classes: list[str], entry: SlideEntry) -> np.ndarray:
         raise ConfigError(f"{where} has no label; every training slide needs one")
     if task == "regression":
         try:
-            return np.float32(float(label)).reshape(1)
+            value = float(label)
         except ValueError:
-            raise ConfigError(f"{where}: regression needs numbers, got {label!r}") from None
+            value = float("nan")
+        if not np.isfinite(value):
+            raise ConfigError(f"{where}: regression needs finite numbers, got {label!r}")
+        return np.float32(value).reshape(1)
     names = [p.strip() for p in label.split(";")] if task == "multilabel" else [label]
     bad = [n for n in names if n not in classes]
     if bad:
