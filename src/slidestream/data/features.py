@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from slidestream.data.feature_folder import FeatureFolder, check_settings, settings_of
 from slidestream.errors import ConfigError
 
 __all__ = [
@@ -214,8 +215,6 @@ class FeatureBags(Dataset):
         seed: int = 0,
         reference: dict[str, Any] | None = None,
     ) -> None:
-        from slidestream.data.feature_folder import FeatureFolder, check_settings, settings_of
-
         self.folder, self.max_instances, self.train, self.seed = (
             Path(folder),
             max_instances,

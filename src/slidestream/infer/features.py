@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slidestream.data.feature_folder import FeatureFolder
-from slidestream.data.features import feature_path, read_features, read_header, write_features
+from slidestream.data.features import feature_path, read_header, write_features
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, normalize, resolve_device
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
@@ -166,7 +166,7 @@ class FeatureExtractor:
         """True when ``path`` holds features with these settings; ConfigError for others."""
         if not path.is_file():
             return False
-        _, _, attrs = read_features(path)
+        _, _, attrs = read_header(path)
         keys = ("encoder", "weights_hash", "mpp", "size")
         if any(attrs.get(k) != self.attrs[k] for k in keys):
             theirs = {k: attrs.get(k) for k in keys}
@@ -220,6 +220,32 @@ def _target(
     return target, False
 
 
+def _one(
+    extractor: FeatureExtractor,
+    entry: Any,
+    out: Path,
+    target: Path,
+    done: bool,
+    report: FeatureReport,
+) -> tuple[int, str, str]:
+    """Features of one slide into ``target`` unless ``done``: (patches, status, note)."""
+    key = str(entry.path)
+    if done:
+        report.skipped.append(key)
+        return 0, "skipped", ""
+    try:
+        count = extractor.slide(entry.path, out, entry.mpp, target)
+    except SlideStreamError as exc:
+        report.failed[key] = str(exc)
+        log.warning("features of %s failed: %s", entry.path, exc)
+        return 0, "failed", str(exc)
+    report.written.append(key)
+    if count:
+        return count, "written", ""
+    report.empty.append(key)
+    return 0, "empty", "empty bag: no tissue patches"
+
+
 def _write_index(out: Path, shard: tuple[int, int], rows: list[list[Any]]) -> None:
     i, n = shard
     with open(out / f"index.{i}of{n}.csv", "w", newline="") as fh:
@@ -255,22 +281,8 @@ def extract_cohort(
     report, t0, index = FeatureReport(), time.perf_counter(), []
     for entry in cohort.slides[i::n]:
         target, done = _target(folder, out, stems[entry], entry, extractor)
-        count, status, note = 0, "skipped", ""
-        if done:
-            report.skipped.append(str(entry.path))
-        else:
-            try:
-                count = extractor.slide(entry.path, out, entry.mpp, target)
-                folder.add(target)
-                status = "written" if count else "empty"
-                report.written.append(str(entry.path))
-            except SlideStreamError as exc:
-                status, note = "failed", str(exc)
-                report.failed[str(entry.path)] = str(exc)
-                log.warning("features of %s failed: %s", entry.path, exc)
-        if status == "empty":
-            report.empty.append(str(entry.path))
-            note = "empty bag: no tissue patches"
+        count, status, note = _one(extractor, entry, out, target, done, report)
+        folder.add(target)
         index.append([str(entry.path), target.name, count, status, note])
         report.patches += count
         if on_slide is not None:
