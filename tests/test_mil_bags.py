@@ -404,3 +404,27 @@ def test_cli_counts_left_out_slides_and_regression_refuses_nan_labels(tmp_path, 
     for bad in ("nan", "inf", "x"):
         with pytest.raises(ss.ConfigError, match=r"line 3\): regression needs finite numbers"):
             target_of("regression", [], SlideEntry(Path("a.tiff"), bad, line=3))
+
+
+def test_an_encoder_giving_nan_fails_that_slide_only_and_the_index_says_so(
+    same_stem, tmp_path, monkeypatch
+):
+    d, paths = same_stem
+    ex = _mean_rgb()
+    encode = ex.encode
+
+    def nan_for_other(slide, xy):
+        feats = encode(slide, xy)
+        return feats * np.nan if "other" in str(slide.path) else feats
+
+    monkeypatch.setattr(ex, "encode", nan_for_other)
+    report = extract_cohort(load_cohort(d / "c.csv"), tmp_path, ex)
+    assert list(report.failed) == [str(paths[2])] and len(report.written) == 2
+    assert "other.h5" in report.failed[str(paths[2])] and "NaN/Inf" in report.failed[str(paths[2])]
+    assert not (tmp_path / "other.h5").exists()
+    monkeypatch.setattr(ex, "encode", encode)
+    extract_cohort(load_cohort(d / "c.csv"), tmp_path, ex)  # resume: the two done, other written
+    rows = list(csv.DictReader((tmp_path / "index.0of1.csv").read_text().splitlines()))
+    assert [r["status"] for r in rows] == ["skipped", "skipped", "written"]
+    for row in rows:
+        assert int(row["patches"]) == len(read_features(tmp_path / row["file"])[0]) > 0

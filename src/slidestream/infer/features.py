@@ -202,22 +202,22 @@ class FeatureExtractor:
 
 def _target(
     folder: FeatureFolder, out: Path, stem: str, entry: Any, extractor: FeatureExtractor
-) -> tuple[Path, bool]:
-    """(where the slide's features go, whether a file there is already done). An existing file
-    of this slide is kept (or redone when damaged); a name taken by another slide's file
-    gets the path hash."""
+) -> tuple[Path, int | None]:
+    """(where the slide's features go, rows of the finished file there or None to compute).
+    An existing file of this slide is kept (or redone when damaged); a name taken by another
+    slide's file gets the path hash."""
     found, _ = folder.find(entry.path)
     if found is not None:
         try:
-            read_header(found)
+            rows = read_header(found)[0]
         except ConfigError as exc:
             log.warning("%s; computing it again", exc)
-            return found, False
-        return found, extractor.is_done(found)
+            return found, None
+        return found, rows if extractor.is_done(found) else None
     target = out / f"{stem}.h5"
     if target.stem in folder.stems:  # another slide's file (found would be this slide's)
         target = out / f"{entry.path.stem}-{path_hash(entry.path)}.h5"
-    return target, False
+    return target, None
 
 
 def _one(
@@ -225,14 +225,15 @@ def _one(
     entry: Any,
     out: Path,
     target: Path,
-    done: bool,
+    done: int | None,
     report: FeatureReport,
 ) -> tuple[int, str, str]:
-    """Features of one slide into ``target`` unless ``done``: (patches, status, note)."""
+    """Features of one slide into ``target`` unless ``done`` (the finished file's rows):
+    (patches computed, status, note)."""
     key = str(entry.path)
-    if done:
+    if done is not None:
         report.skipped.append(key)
-        return 0, "skipped", ""
+        return 0, "skipped", "done in an earlier run"
     try:
         count = extractor.slide(entry.path, out, entry.mpp, target)
     except SlideStreamError as exc:
@@ -267,8 +268,8 @@ def extract_cohort(
     Files are named ``<stem>.h5``, or ``<stem>-<path hash>.h5`` where slides of the cohort
     share a stem (:func:`~slidestream.sampling.naming.output_stems`, computed over the whole
     cohort so every shard agrees); ``out/index.<i>of<n>.csv`` maps each slide of the shard to
-    its file (slide, file, patches, status written/skipped/empty/failed, note). Slides without
-    tissue patches get an empty file with a ``reason`` (listed in ``report.empty``).
+    its file (slide, file, patches in the file, status written/skipped/empty/failed, note).
+    Slides without tissue patches get an empty file with a ``reason`` (``report.empty``).
 
     Raises ConfigError when ``out`` holds features of other settings; unreadable slides are
     listed in the report (and in ``out/failed.<i>of<n>.txt``).
@@ -283,7 +284,8 @@ def extract_cohort(
         target, done = _target(folder, out, stems[entry], entry, extractor)
         count, status, note = _one(extractor, entry, out, target, done, report)
         folder.add(target)
-        index.append([str(entry.path), target.name, count, status, note])
+        rows = count if done is None else done
+        index.append([str(entry.path), target.name, rows, status, note])
         report.patches += count
         if on_slide is not None:
             on_slide(str(entry.path), count)
