@@ -170,9 +170,10 @@ def _bad_bags(f):
     _raw(f / "inf.h5", np.full((4, 6), np.inf, np.float32), np.zeros((4, 2), np.int64))
     _raw(f / "nofeat.h5", None, np.zeros((4, 2), np.int64))
     _raw(f / "short.h5", np.ones((4, 6), np.float32), np.zeros((3, 2), np.int64))
+    _raw(f / "flat.h5", np.ones(4, np.float32), np.zeros((4, 2), np.int64))  # not (N, D)
     whole = _bag(f, "trunc", 50).read_bytes()
     (f / "trunc.h5").write_bytes(whole[: len(whole) // 2])
-    names = ["empty", "nanrows", "inf", "nofeat", "short", "trunc", "missing"]
+    names = ["empty", "nanrows", "inf", "nofeat", "short", "flat", "trunc", "missing"]
     return {n: ("missing.h5" if n == "missing" else f"{n}.h5") for n in names}
 
 
@@ -196,9 +197,9 @@ def test_train_mil_skips_and_names_every_bad_bag(tmp_path, caplog):
     assert "empty bag" in by_name["empty"] and "NaN/Inf" in by_name["nanrows"]
     assert "1 of 5 rows" in by_name["nanrows"] and "damaged" in by_name["trunc"]
     text = caplog.text
-    assert "left out 1 of 14 training slides without a feature file" in text
-    assert "left out 1 of 14 training slides with an empty bag" in text
-    assert "left out 5 of 14 training slides with an unreadable or NaN/Inf" in text
+    assert "left out 1 of 15 training slides without a feature file" in text
+    assert "left out 1 of 15 training slides with an empty bag" in text
+    assert "left out 6 of 15 training slides with an unreadable or NaN/Inf" in text
 
 
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
@@ -428,3 +429,15 @@ def test_an_encoder_giving_nan_fails_that_slide_only_and_the_index_says_so(
     assert [r["status"] for r in rows] == ["skipped", "skipped", "written"]
     for row in rows:
         assert int(row["patches"]) == len(read_features(tmp_path / row["file"])[0]) > 0
+
+
+def test_a_file_removed_after_the_check_is_skipped_not_a_crash(tmp_path):
+    f = tmp_path / "f"
+    _bag(f, "a", 5)
+    _bag(f, "b", 5)
+    _cohort(tmp_path, ["a", "b"])
+    bags = FeatureBags(load_cohort(tmp_path / "c.csv").slides, f, [np.zeros(1)] * 2, train=True)
+    (f / "b.h5").unlink()
+    item = bags[1]
+    assert "b.h5" in item["error"] and item["slide"].endswith("b.tiff")
+    assert bags[0]["features"].shape == (5, 6)
