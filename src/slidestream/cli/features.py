@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="patch features of slides with a frozen encoder (one HDF5 file per slide)",
         description="Grid patches inside tissue, a frozen encoder (a torchvision "
         "name, name@stage for a cut ResNet, timm/<name>, or mean_rgb), one "
-        "DIR/<slide>.h5 per slide with features (N, D), coords (N, 2) in "
-        "level-0 px and the settings. Finished slides are skipped; "
+        "DIR/<slide>.h5 per slide (<slide>-<path hash>.h5 where slides share "
+        "a name; DIR/index.<i>of<n>.csv maps them) with features (N, D), "
+        "coords (N, 2) in level-0 px and the settings. Finished slides are skipped; "
         "--shard i/n (or torchrun) splits the cohort without overlap.",
     )
     p.add_argument("cohort", help="slides, globs, folders, or a CSV/TSV with a 'slide' column")
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         error_line("features", f"{path}: {why} (skipped)")
     print(
         f"shard {shard[0]}/{shard[1]}: {len(report.written)} slides written, "
-        f"{len(report.skipped)} already done, {len(report.failed)} failed; "
+        f"{len(report.skipped)} already done, {len(report.failed)} failed, "
+        f"{len(report.empty)} empty (no tissue patches); "
         f"{report.patches} patches at {report.patches_per_s:.1f} patches/s -> {args.out}"
     )
     return 1 if report.failed or cohort.problems else 0

@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from slidestream.cli.train import print_epoch
     from slidestream.train.config import flag_overrides, load_config
     from slidestream.train.mil import train_mil
@@ -31,5 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(MILTrainConfig, args.config, flag_overrides(args))
     run_dir = train_mil(cfg, on_epoch=print_epoch)
+    summary = run_dir / "summary.json"
+    left = json.loads(summary.read_text()).get("skipped_slides", {}) if summary.is_file() else {}
+    if left:
+        print(f"{len(left)} slides left out (missing, empty or damaged bags; see {summary})")
     print(f"run folder: {run_dir} (metrics.csv, best.pt, last.pt, curves.png)")
     return 0

@@ -11,6 +11,7 @@ no slide is done twice; unreadable slides are listed, not fatal.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -24,12 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from slidestream.data.features import feature_path, read_features, write_features
+from slidestream.data.feature_folder import FeatureFolder
+from slidestream.data.features import feature_path, read_header, write_features
 from slidestream.data.functional import IMAGENET_MEAN, IMAGENET_STD, normalize, resolve_device
 from slidestream.errors import ConfigError, SlideStreamError
 from slidestream.io import Slide, open_slide
 from slidestream.models.mil import create_encoder
 from slidestream.sampling import Cohort, GridPatchSampler, PatchLocation
+from slidestream.sampling.naming import output_stems, path_hash
 from slidestream.tissue import detect_tissue
 
 __all__ = ["FeatureExtractor", "FeatureReport", "extract_cohort", "parse_shard", "weights_hash"]
@@ -76,9 +79,11 @@ class _Patches(Dataset):
 
 @dataclass
 class FeatureReport:
-    """What one shard did: slides written, skipped (already done) and failed (path → error)."""
+    """What one shard did: slides written (of which ``empty``: no tissue patches), skipped
+    (already done) and failed (path → error)."""
 
     written: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)  # written without rows: no tissue patches
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     patches: int = 0
@@ -161,7 +166,7 @@ class FeatureExtractor:
         """True when ``path`` holds features with these settings; ConfigError for others."""
         if not path.is_file():
             return False
-        _, _, attrs = read_features(path)
+        _, _, attrs = read_header(path)
         keys = ("encoder", "weights_hash", "mpp", "size")
         if any(attrs.get(k) != self.attrs[k] for k in keys):
             theirs = {k: attrs.get(k) for k in keys}
@@ -170,8 +175,15 @@ class FeatureExtractor:
             )
         return True
 
-    def slide(self, path: str | os.PathLike[str], out: Path, slide_mpp: float | None = None) -> int:
-        """Write the feature file of one slide; returns its number of patches."""
+    def slide(
+        self,
+        path: str | os.PathLike[str],
+        out: Path,
+        slide_mpp: float | None = None,
+        target: Path | None = None,
+    ) -> int:
+        """Write the feature file of one slide (``target``, default ``out/<stem>.h5``);
+        returns its number of patches (0: an empty file with a ``reason``)."""
         slide = open_slide(path, backend=self.backend, mpp=slide_mpp)
         mask = detect_tissue(slide, cache_dir=out / "masks")
         locs = self.sampler.locations(slide, mask)
@@ -182,8 +194,65 @@ class FeatureExtractor:
             "slide": str(path),
             "size0": list(self.sampler.geometry(slide).size0),
         }
-        write_features(feature_path(out, path), feats.astype(self.dtype), xy, attrs)
+        if not len(xy):
+            attrs["reason"] = f"no patch with tissue fraction >= {self.attrs['min_tissue']}"
+        write_features(target or feature_path(out, path), feats.astype(self.dtype), xy, attrs)
         return len(xy)
+
+
+def _target(
+    folder: FeatureFolder, out: Path, stem: str, entry: Any, extractor: FeatureExtractor
+) -> tuple[Path, int | None]:
+    """(where the slide's features go, rows of the finished file there or None to compute).
+    An existing file of this slide is kept (or redone when damaged); a name taken by another
+    slide's file gets the path hash."""
+    found, _ = folder.find(entry.path)
+    if found is not None:
+        try:
+            rows = read_header(found)[0]
+        except ConfigError as exc:
+            log.warning("%s; computing it again", exc)
+            return found, None
+        return found, rows if extractor.is_done(found) else None
+    target = out / f"{stem}.h5"
+    if target.stem in folder.stems:  # another slide's file (found would be this slide's)
+        target = out / f"{entry.path.stem}-{path_hash(entry.path)}.h5"
+    return target, None
+
+
+def _one(
+    extractor: FeatureExtractor,
+    entry: Any,
+    out: Path,
+    target: Path,
+    done: int | None,
+    report: FeatureReport,
+) -> tuple[int, str, str]:
+    """Features of one slide into ``target`` unless ``done`` (the finished file's rows):
+    (patches computed, status, note)."""
+    key = str(entry.path)
+    if done is not None:
+        report.skipped.append(key)
+        return 0, "skipped", "done in an earlier run"
+    try:
+        count = extractor.slide(entry.path, out, entry.mpp, target)
+    except SlideStreamError as exc:
+        report.failed[key] = str(exc)
+        log.warning("features of %s failed: %s", entry.path, exc)
+        return 0, "failed", str(exc)
+    report.written.append(key)
+    if count:
+        return count, "written", ""
+    report.empty.append(key)
+    return 0, "empty", "empty bag: no tissue patches"
+
+
+def _write_index(out: Path, shard: tuple[int, int], rows: list[list[Any]]) -> None:
+    i, n = shard
+    with open(out / f"index.{i}of{n}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide", "file", "patches", "status", "note"])
+        w.writerows(rows)
 
 
 def extract_cohort(
@@ -194,36 +263,34 @@ def extract_cohort(
     on_slide: Callable[[str, int], None] | None = None,
 ) -> FeatureReport:
     """Feature files of shard ``i/n`` of ``cohort`` (every n-th slide from i) in ``out``;
-    ``on_slide(path, patches)`` after each slide (0 patches: skipped or failed).
+    ``on_slide(path, patches)`` after each slide (0 patches: skipped, failed or empty).
 
-    Raises ConfigError when two slides share a file stem or ``out`` holds features of other
-    settings; unreadable slides are listed in the report (and in ``out/failed.<i>of<n>.txt``).
+    Files are named ``<stem>.h5``, or ``<stem>-<path hash>.h5`` where slides of the cohort
+    share a stem (:func:`~slidestream.sampling.naming.output_stems`, computed over the whole
+    cohort so every shard agrees); ``out/index.<i>of<n>.csv`` maps each slide of the shard to
+    its file (slide, file, patches in the file, status written/skipped/empty/failed, note).
+    Slides without tissue patches get an empty file with a ``reason`` (``report.empty``).
+
+    Raises ConfigError when ``out`` holds features of other settings; unreadable slides are
+    listed in the report (and in ``out/failed.<i>of<n>.txt``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stems: dict[str, Path] = {}
-    for entry in cohort:
-        other = stems.setdefault(entry.path.stem, entry.path)
-        if other != entry.path:
-            raise ConfigError(f"{other} and {entry.path} share the name {entry.path.stem}.h5")
+    stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
+    folder = FeatureFolder(out)
     i, n = shard
-    report, t0 = FeatureReport(), time.perf_counter()
+    report, t0, index = FeatureReport(), time.perf_counter(), []
     for entry in cohort.slides[i::n]:
-        target = feature_path(out, entry.path)
-        count = 0
-        if extractor.is_done(target):
-            report.skipped.append(str(entry.path))
-        else:
-            try:
-                count = extractor.slide(entry.path, out, entry.mpp)
-                report.written.append(str(entry.path))
-            except SlideStreamError as exc:
-                report.failed[str(entry.path)] = str(exc)
-                log.warning("features of %s failed: %s", entry.path, exc)
+        target, done = _target(folder, out, stems[entry], entry, extractor)
+        count, status, note = _one(extractor, entry, out, target, done, report)
+        folder.add(target)
+        rows = count if done is None else done
+        index.append([str(entry.path), target.name, rows, status, note])
         report.patches += count
         if on_slide is not None:
             on_slide(str(entry.path), count)
     report.seconds = time.perf_counter() - t0
+    _write_index(out, shard, index)
     failed = out / f"failed.{i}of{n}.txt"
     if report.failed:
         failed.write_text("".join(f"{p}\t{e}\n" for p, e in report.failed.items()))

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from slidestream.data.features import feature_path, read_features
+from slidestream.data.feature_folder import FeatureFolder, check_settings, settings_of
+from slidestream.data.features import read_features
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson
@@ -72,6 +73,7 @@ class MILPredictor:
         self.features_dir = Path(features_dir) if features_dir else None
         self.batch_size, self.workers = batch_size, workers
         self._extractor: Any = None
+        self._folder: FeatureFolder | None = None
 
     def _compute(self, path: Path, slide_mpp: float | None, backend: str) -> tuple:
         from slidestream.infer.features import FeatureExtractor
@@ -105,14 +107,19 @@ class MILPredictor:
 
     def features(self, path: Path, slide_mpp: float | None, backend: str) -> tuple:
         """(features (N, D) float32, coords (N, 2) level-0 px, open slide) of one slide."""
-        stored = feature_path(self.features_dir, path) if self.features_dir else None
-        if stored is not None and stored.is_file():
+        stored = None
+        if self.features_dir is not None:
+            if self._folder is None:
+                self._folder = FeatureFolder(self.features_dir)
+            stored, _ = self._folder.find(path)
+        if stored is not None:
             feats, xy, attrs = read_features(stored)
-            if self.feat.get("encoder") and attrs.get("encoder") != self.feat["encoder"]:
-                raise ConfigError(
-                    f"{stored} holds {attrs.get('encoder')} features; the model was trained "
-                    f"on {self.feat['encoder']}"
-                )
+            check_settings(
+                [stored],
+                [settings_of(attrs, feats.shape[1] if len(feats) else None)],
+                settings_of(self.feat, self.spec.in_dim),
+                against="features the model was trained on",
+            )
             return (
                 np.asarray(feats, np.float32),
                 xy,

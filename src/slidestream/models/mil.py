@@ -73,7 +73,7 @@ class MaxPool(nn.Module):
 
 
 class _Block(nn.Module):
-    """Pre-norm transformer block that keeps its attention weights (heads averaged)."""
+    """Pre-norm transformer block; also returns the class token's attention (heads averaged)."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -81,11 +81,29 @@ class _Block(nn.Module):
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, keep: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, T, dim) → same, and (when ``keep``) the class token's (T,) attention averaged
+        over heads. Fused attention (``scaled_dot_product_attention``) never forms the (T, T)
+        matrix, so memory grows with T, not T²; the result is ``nn.MultiheadAttention``'s
+        (whose parameters this block uses)."""
+        a = self.attn
         y = self.norm1(x)
-        out, weights = self.attn(y, y, y, need_weights=True, average_attn_weights=True)
+        q, k, v = (t.view(1, -1, a.num_heads, a.head_dim).transpose(1, 2) for t in self._qkv(y))
+        drop = a.dropout if self.training else 0.0
+        out = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        out = a.out_proj(out.transpose(1, 2).reshape(y.shape))
+        weights = None
+        if keep:
+            scores = (q[0, :, :1] @ k[0].transpose(-1, -2))[:, 0] / a.head_dim**0.5
+            weights = torch.softmax(scores.float(), -1).mean(0)
         x = x + out
         return x + self.mlp(self.norm2(x)), weights
+
+    def _qkv(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        return nn.functional.linear(y, w, b).chunk(3, dim=-1)
 
 
 class TransformerPool(nn.Module):
@@ -102,10 +120,11 @@ class TransformerPool(nn.Module):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([self.cls.to(h.dtype), h[None]], 1)
-        weights = torch.ones(1, 1, x.shape[1], device=h.device)
-        for block in self.blocks:
-            x, weights = block(x)
-        att = weights[0, 0, 1:].float()
+        weights = torch.ones(x.shape[1], device=h.device)
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, keep=i == len(self.blocks) - 1)
+            weights = w if w is not None else weights
+        att = weights[1:].float()
         return self.norm(x[0, 0]), att / att.sum().clamp_min(1e-12)
 
 

@@ -77,9 +77,12 @@ def target_of(task: str, classes: list[str], entry: SlideEntry) -> np.ndarray:
         raise ConfigError(f"{where} has no label; every training slide needs one")
     if task == "regression":
         try:
-            return np.float32(float(label)).reshape(1)
+            value = float(label)
         except ValueError:
-            raise ConfigError(f"{where}: regression needs numbers, got {label!r}") from None
+            value = float("nan")
+        if not np.isfinite(value):
+            raise ConfigError(f"{where}: regression needs finite numbers, got {label!r}")
+        return np.float32(value).reshape(1)
     names = [p.strip() for p in label.split(";")] if task == "multilabel" else [label]
     bad = [n for n in names if n not in classes]
     if bad:
@@ -89,6 +92,68 @@ def target_of(task: str, classes: list[str], entry: SlideEntry) -> np.ndarray:
         vec[[classes.index(n) for n in names]] = 1
         return vec
     return np.float32(classes.index(label)).reshape(1)
+
+
+def _names(reasons: dict[str, str], limit: int = 5) -> str:
+    more = f" and {len(reasons) - limit} more" if len(reasons) > limit else ""
+    return "; ".join(list(reasons.values())[:limit]) + more
+
+
+def report_left_out(ds: FeatureBags, which: str, total: int) -> None:
+    """One warning per kind of left-out bag, with its count and the first files."""
+    empty = {k: v for k, v in ds.skipped.items() if "empty bag" in v}
+    bad = {k: v for k, v in ds.skipped.items() if k not in empty}
+    for reasons, what in (
+        (ds.missing, "without a feature file"),
+        (empty, "with an empty bag (no tissue patches)"),
+        (bad, "with an unreadable or NaN/Inf feature file"),
+    ):
+        if reasons:
+            log.warning(
+                "left out %d of %d %s slides %s: %s",
+                len(reasons),
+                total,
+                which,
+                what,
+                _names(reasons),
+            )
+
+
+def no_bags_message(ds: FeatureBags, folder: str, total: int) -> str:
+    """The one-line error when no training slide has a usable bag."""
+    empty = sum("empty bag" in v for v in ds.skipped.values())
+    if empty == total:
+        return (
+            f"every one of the {total} training bags in {folder} is empty (no tissue patches); "
+            "check the slides, or re-run slidestream features with a lower --min-tissue"
+        )
+    if len(ds.missing) == total:
+        return (
+            f"no feature files of the training slides in {folder} (e.g. "
+            f"{next(iter(ds.missing.values()))}); run slidestream features on this cohort"
+        )
+    return (
+        f"no usable feature files of the {total} training slides in {folder}: "
+        f"{len(ds.missing)} missing, {empty} empty, {len(ds.skipped) - empty} unreadable or "
+        f"NaN/Inf (e.g. {_names({**ds.skipped, **ds.missing}, 1)})"
+    )
+
+
+def check_classes(task: str, classes: list[str], ds: FeatureBags) -> None:
+    """Refuse a classification run whose usable training bags hold fewer than two classes;
+    warn about named classes without a training bag."""
+    if task not in ("binary", "multiclass"):
+        return
+    present = sorted({int(t[0]) for t in ds.targets})
+    if len(present) < 2:
+        only = classes[present[0]] if present else "none"
+        raise ConfigError(
+            f"the {len(ds)} usable training bags all have the label {only!r}; {task} training "
+            "needs at least two classes (check the labels, or the slides left out above)"
+        )
+    absent = [c for j, c in enumerate(classes) if j not in present]
+    if absent:
+        log.warning("no training bag of the classes %s", absent)
 
 
 class MILTask(Task):
@@ -111,16 +176,17 @@ class MILTask(Task):
                 train=training,
                 seed=cfg.seed,
                 max_instances=cfg.max_instances,
+                reference=None if training else self.train_ds.settings,
             )
-            for slide, why in ds.missing.items():
-                log.warning("left out: %s", why)
-                self.skipped[slide] = why
+            report_left_out(ds, "training" if training else "validation", len(entries))
+            self.skipped.update({**ds.missing, **ds.skipped})
             return ds
 
         self.train_ds = bags(train, True)
-        self.val_ds = bags(val, False) if val else None
         if not len(self.train_ds):
-            raise ConfigError(f"no feature files of the training slides in {cfg.features}")
+            raise ConfigError(no_bags_message(self.train_ds, cfg.features, len(train)))
+        check_classes(cfg.task, self.classes, self.train_ds)
+        self.val_ds = bags(val, False) if val else None
         self.spec = MILSpec(
             in_dim=self.train_ds.dim(),
             outputs=outputs_for(cfg.task, self.classes),
@@ -239,9 +305,7 @@ class MILTask(Task):
 
     def _feature_attrs(self) -> dict[str, Any]:
         """Encoder settings of the feature files (so prediction can compute the same)."""
-        from slidestream.data.features import feature_path, read_features
-
-        _, _, attrs = read_features(feature_path(self.cfg.features, self.train_ds.entries[0].path))
+        attrs = self.train_ds.attrs
         keep = ("encoder", "weights", "weights_hash", "mpp", "size", "min_tissue", "normalization")
         return {k: attrs[k] for k in keep if k in attrs}
 
