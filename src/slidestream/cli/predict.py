@@ -121,10 +121,9 @@ def run(args: argparse.Namespace) -> int:
                 f"heatmaps and GeoJSON show p({drawn}) ({how}; classes: "
                 f"{', '.join(predictor.classes)})"
             )
-    bar = tqdm(
-        total=len(cohort.slides[shard[0] :: shard[1]]), desc="predict", unit="slide",
-        disable=shard[0] != 0 and "RANK" in os.environ,
-    )  # fmt: skip
+    quiet = shard[0] != 0 and "RANK" in os.environ  # one progress bar under torchrun
+    todo = len(cohort.slides[shard[0] :: shard[1]])
+    bar = tqdm(total=todo, desc="predict", unit="slide", disable=quiet)
     done = predict_cohort(
         predictor,
         cohort,

@@ -2,13 +2,14 @@
 
 Shard ``i/n`` predicts every n-th slide from i (cluster array jobs, or the torchrun rank), so no
 slide is done twice. With one shard the table is ``predictions.csv``; with several each shard
-writes ``predictions.<i>of<n>.csv`` and the shard that finishes last (the one that finds all n
-parts, stamped with the same checkpoint) merges them into ``predictions.csv`` in cohort order.
+writes ``predictions.<i>of<n>.csv`` (and a ``.json`` naming its checkpoint) and the shard that
+finishes last (the one that finds all n parts, made with the same checkpoint) merges them into ``predictions.csv`` in cohort order.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +65,8 @@ def predict_cohort(
     stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
     name = "predictions.csv" if n == 1 else f"predictions.{i}of{n}.csv"
     done = CohortPredictions(out / name)
+    if n > 1:  # the merged table of an earlier run is out of date: the last shard rewrites it
+        (out / "predictions.csv").unlink(missing_ok=True)
     rows = []
     for entry in cohort.slides[i::n]:
         mpp = entry.mpp or slide_mpp
@@ -100,27 +103,32 @@ def _row(entry: SlideEntry, res: SlidePrediction) -> list[Any]:
     ]
 
 
-def _stamp(predictor: Predictor) -> str:
+def _stamp(predictor: Predictor) -> dict[str, Any]:
     """The checkpoint a shard used: resolved path, size and modification time."""
     path = predictor.checkpoint.resolve()
     st = path.stat()
-    return f"# checkpoint={path} size={st.st_size} mtime_ns={st.st_mtime_ns}"
+    return {"checkpoint": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _write_table(path: Path, predictor: Predictor, rows: list[list[Any]], stamp: bool) -> None:
+    """The prediction table, written atomically; a shard's part gets a ``.json`` beside it
+    naming the checkpoint (the merge takes parts of one checkpoint only)."""
+    if stamp:
+        path.with_suffix(".json").write_text(json.dumps(_stamp(predictor)))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
-        if stamp:
-            f.write(_stamp(predictor) + "\n")
         w = csv.writer(f)
         w.writerow([*HEADER, *[f"p_{c}" for c in predictor.classes]])
         w.writerows(rows)
     os.replace(tmp, path)
 
 
-def merge_shards(out: str | os.PathLike[str], cohort: Cohort, n: int, stamp: str) -> Path | None:
+def merge_shards(
+    out: str | os.PathLike[str], cohort: Cohort, n: int, stamp: dict[str, Any]
+) -> Path | None:
     """Merge ``out/predictions.<i>of<n>.csv`` (i = 0..n-1) into ``out/predictions.csv``, rows in
-    cohort order, once all n exist and carry ``stamp`` (same checkpoint); None until then.
+    cohort order, once all n exist and their ``.json`` hold ``stamp`` (same checkpoint); None
+    until then.
     A part from another checkpoint, or holding a slide outside its shard, is left unmerged
     with a warning naming it."""
     out = Path(out)
@@ -128,13 +136,19 @@ def merge_shards(out: str | os.PathLike[str], cohort: Cohort, n: int, stamp: str
     header, rows = None, []
     for i in range(n):
         part = out / f"predictions.{i}of{n}.csv"
-        if not part.is_file():
+        if not part.is_file() or not part.with_suffix(".json").is_file():
             return None
-        first, *lines = part.read_text().splitlines()
-        if first != stamp:
-            log.warning("%s: made with another checkpoint (%s); not merged", part, first)
+        theirs = json.loads(part.with_suffix(".json").read_text())
+        if theirs != stamp:
+            log.warning(
+                "%s: made with %s, not %s; not merged (rerun that shard with this checkpoint, "
+                "or predict into another --out)",
+                part,
+                theirs.get("checkpoint"),
+                stamp["checkpoint"],
+            )
             return None
-        table = list(csv.reader(lines))
+        table = list(csv.reader(part.read_text().splitlines()))
         header = header or table[0]
         wrong = [r[0] for r in table[1:] if r[0] not in order or order[r[0]] % n != i]
         if wrong:

@@ -60,9 +60,12 @@ class MILPredictor(Predictor):
         workers: int = 2,
     ) -> None:
         super().__init__(checkpoint, state=state)
-        self.spec = MILSpec(**self.ckpt["model"])
+        try:
+            self.spec = MILSpec(**self.ckpt["model"])
+        except TypeError as exc:
+            raise ConfigError(f"{checkpoint}: unknown MIL model settings ({exc})") from exc
         model = MILModel(self.spec)
-        what = f"a {self.spec.aggregator} MIL model with these settings"
+        what = f"the {self.spec.aggregator} MIL model it names"
         self.device = resolve_device(device)
         self.model = self.fit_weights(model, what).eval().to(self.device)
         self.feat: dict[str, Any] = dict(self.ckpt.get("features") or {})
