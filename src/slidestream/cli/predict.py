@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["contours", "tiles"],
         default="contours",
         help="GeoJSON of the --class heatmap: contours of cells >= --threshold, or one square "
-        "per tile (default: contours)",
+        "per tile (default: contours; streamed models have no tiles: always contours)",
     )
     p.add_argument("--class", dest="target", default=None, help="class shown in the heatmap")
     p.add_argument(
