@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from slidestream.cli._common import (
@@ -27,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stem, plus a short hash of its path when two slides share "
         "a file name). Tiles that cannot be decoded are left out "
         "and counted (damaged_tiles). "
-        "Under torchrun each rank predicts its share of the slides.",
+        "With --shard i/n (default under torchrun: the rank) each job predicts every n-th "
+        "slide from i into DIR/predictions.<i>of<n>.csv; the last to finish merges them into "
+        "DIR/predictions.csv.",
     )
     p.add_argument(
         "checkpoint",
@@ -62,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["contours", "tiles"],
         default="contours",
         help="GeoJSON of the --class heatmap: contours of cells >= --threshold, or one square "
-        "per tile (default: contours)",
+        "per tile (default: contours; streamed models have no tiles: always contours)",
     )
     p.add_argument("--class", dest="target", default=None, help="class shown in the heatmap")
     p.add_argument(
@@ -79,110 +82,70 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="feature files of the slides, for MIL checkpoints (default: computed)",
     )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="predict every N-th slide from I (0 <= I < N; default: the torchrun rank, or all)",
+    )
     add_backend_option(p)
     add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import csv
-    import os
-
     from tqdm import tqdm
 
     from slidestream.colors import write_colors
-    from slidestream.errors import SlideStreamError
-    from slidestream.infer import PatchPredictor
-    from slidestream.infer.saliency import StreamingPredictor
-    from slidestream.models.checkpoint import load_checkpoint
-    from slidestream.sampling.cohort import failure_message
-    from slidestream.sampling.naming import output_stems
+    from slidestream.infer.cohort import predict_cohort
+    from slidestream.infer.engine import load_predictor
+    from slidestream.infer.features import parse_shard
 
+    shard = parse_shard(args.shard)
     cohort = load_slides("predict", args.slides)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
-    entries = cohort.slides[rank::world]
-    kind = load_checkpoint(args.checkpoint)["kind"]
-    if kind == "streaming":
-        predictor = StreamingPredictor(args.checkpoint, device=args.device)
-        extra = {}
-    elif kind == "mil":
-        from slidestream.infer.mil import MILPredictor
-
-        predictor = MILPredictor(
-            args.checkpoint,
-            features_dir=args.features,
-            device=args.device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-        )
-        extra = {"geojson": args.geojson}
-    else:
-        predictor = PatchPredictor(
-            args.checkpoint,
-            device=args.device,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            min_tissue=args.min_tissue,
-        )
-        extra = {"aggregate_by": args.aggregate, "topk": args.topk, "geojson": args.geojson}
+    predictor = load_predictor(
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        min_tissue=args.min_tissue,
+        features_dir=args.features,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
+    if shard[0] == 0:
         write_colors(args.out, predictor.classes)
-        if kind == "patch":
+        if predictor.kind == "patch":
             drawn = predictor.heatmap_class(args.target)
             how = "--class" if args.target else "the default; choose with --class"
             print(
                 f"heatmaps and GeoJSON show p({drawn}) ({how}; classes: "
                 f"{', '.join(predictor.classes)})"
             )
-    rows, failed, damaged = [], len(cohort.problems), {}
-    for entry in tqdm(entries, desc="predict", unit="slide", disable=rank != 0):
-        try:
-            res = predictor.predict(
-                entry.path,
-                args.out,
-                backend=args.backend,
-                slide_mpp=entry.mpp or args.slide_mpp,
-                threshold=args.threshold,
-                target=args.target,
-                stem=stems[entry],
-                **extra,
-            )
-        except SlideStreamError as exc:
-            error_line("predict", f"{failure_message(entry.path, exc)} (skipped)")
-            failed += 1
-            continue
-        if res.damaged:
-            damaged[res.slide] = res.damaged
-        probs = [f"{p:.5f}" for p in res.probs]
-        rows.append(
-            [res.slide, res.stem, entry.label or "", res.call, res.heatmap_class, res.tiles,
-             res.damaged, *probs]
-        )  # fmt: skip
-    damaged_lines("predict", damaged, "tile")
-    name = "predictions.csv" if world == 1 else f"predictions.rank{rank}.csv"
-    with open(args.out / name, "w", newline="") as f:
-        w = csv.writer(f)
-        head = ["slide", "stem", "label", "call", "heatmap_class", "tiles", "damaged_tiles"]
-        w.writerow([*head, *[f"p_{c}" for c in predictor.classes]])
-        w.writerows(rows)
-    if world > 1:
-        _merge_ranks(args.out, rank, world)
-    if rank == 0:
-        total = len((args.out / "predictions.csv").read_text().splitlines()) - 1
-        print(f"{count(total, 'slide')} predicted -> {args.out / 'predictions.csv'}")
-    return 1 if failed else 0
-
-
-def _merge_ranks(out: Path, rank: int, world: int) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
-    if rank == 0:
-        parts = [(out / f"predictions.rank{r}.csv").read_text().splitlines() for r in range(world)]
-        lines = parts[0][:1] + [line for p in parts for line in p[1:]]
-        (out / "predictions.csv").write_text("\n".join(lines) + "\n")
-    dist.barrier()
+    quiet = shard[0] != 0 and "RANK" in os.environ  # one progress bar under torchrun
+    todo = len(cohort.slides[shard[0] :: shard[1]])
+    bar = tqdm(total=todo, desc="predict", unit="slide", disable=quiet)
+    done = predict_cohort(
+        predictor,
+        cohort,
+        args.out,
+        shard=shard,
+        on_slide=lambda entry, res: bar.update(1),
+        slide_mpp=args.slide_mpp,
+        backend=args.backend,
+        threshold=args.threshold,
+        geojson=args.geojson,
+        target=args.target,
+        aggregate_by=args.aggregate,
+        topk=args.topk,
+    )
+    bar.close()
+    for why in done.failed.values():
+        error_line("predict", f"{why} (skipped)")
+    damaged_lines("predict", done.damaged, "tile")
+    print(f"{count(done.predicted, 'slide')} predicted -> {done.table}")
+    if done.merged is not None:
+        total = len(done.merged.read_text().splitlines()) - 1
+        print(f"all {shard[1]} shards in: {count(total, 'slide')} -> {done.merged}")
+    elif shard[1] > 1:
+        print(f"shard {shard[0]}/{shard[1]} done; the last shard to finish writes predictions.csv")
+    return 1 if done.failed or cohort.problems else 0

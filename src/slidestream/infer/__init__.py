@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from slidestream.infer.predict import (
-    PatchPredictor as PatchPredictor,
+from slidestream.infer.engine import (
+    Predictor as Predictor,
+)
+from slidestream.infer.engine import (
+    SlidePrediction as SlidePrediction,
+)
+from slidestream.infer.engine import (
+    load_predictor as load_predictor,
 )
 from slidestream.infer.predict import (
-    SlidePrediction as SlidePrediction,
+    PatchPredictor as PatchPredictor,
 )
 from slidestream.infer.predict import (
     aggregate as aggregate,

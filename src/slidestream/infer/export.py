@@ -64,82 +64,77 @@ def contours_geojson(
     origin_step: tuple[float, float, float, float],
     name: str,
     threshold: float = 0.5,
+    *,
+    mpp: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Merged outlines (with holes) of grid cells whose probability is >= ``threshold``.
+    """The union of the grid cells whose value is >= ``threshold``, one Polygon feature per
+    connected region (holes kept; cells touching only at a corner are separate regions).
 
     ``grid`` is (rows, cols) of probabilities, NaN where no tile was predicted: such cells are
     never inside a contour, whatever the threshold (0 included); ``origin_step`` is
-    (x0, y0, step_x, step_y) in level-0 pixels: cell (r, c) covers
-    [x0 + c*step_x, x0 + (c+1)*step_x) x [y0 + r*step_y, ...). Each feature's ``tiles`` counts
-    the predicted cells inside it (holes, and islands within holes, excluded) and
-    ``probability`` is their mean. The QuPath colour follows ``name``
-    (:func:`slidestream.colors.class_color`).
+    (x0, y0, step_x, step_y) in level-0 px: cell (r, c) covers
+    [x0 + c*step_x, x0 + (c+1)*step_x) x [y0 + r*step_y, ...), so the polygons' area is exactly
+    the cells' area. Each feature's properties: ``tiles`` (cells inside), ``probability`` and
+    ``max_probability`` (their mean and max), ``area_px`` (level-0 px²), ``area_um2`` (µm², with
+    ``mpp`` = (x, y) µm/px only), the same values under ``measurements`` (the map QuPath reads
+    as an object's measurements), and a QuPath ``classification`` named ``name`` with its colour
+    (:func:`slidestream.colors.class_color`). Raises ConfigError for a NaN threshold.
     """
-    from skimage.measure import find_contours, points_in_poly
+    import shapely
 
     if not np.isfinite(threshold):
         raise ConfigError(f"contour threshold must be a number, got {threshold}")
     x0, y0, step_x, step_y = origin_step
     grid = np.asarray(grid, np.float64)
     above = np.isfinite(grid) & (np.nan_to_num(grid, nan=-np.inf) >= threshold)
-    padded = np.pad(above.astype(float), 1)
-    # with 'high' orientation, outer boundaries and holes wind in opposite directions: the
-    # shoelace area (x = col, y = row) is negative for outer rings, positive for holes
-    rings = [c - 1 for c in find_contours(padded, 0.5, positive_orientation="high")]
-    outer, holes = [], []
-    for ring in rings:
-        area = 0.5 * np.sum(ring[:-1, 1] * ring[1:, 0] - ring[1:, 1] * ring[:-1, 0])
-        (outer if area < 0 else holes).append(ring)
+    if not above.any():
+        return {"type": "FeatureCollection", "features": []}
+    rr, c0, c1 = _row_runs(above)  # one box per horizontal run of cells: fewer to merge
+    boxes = shapely.box(
+        x0 + c0 * step_x, y0 + rr * step_y, x0 + c1 * step_x, y0 + (rr + 1) * step_y
+    )
+    merged = shapely.simplify(shapely.union_all(boxes), 0)  # drops collinear vertices
+    polys = list(getattr(merged, "geoms", [merged]))
+    cells_r, cells_c = np.nonzero(above)
+    centres = shapely.points(x0 + (cells_c + 0.5) * step_x, y0 + (cells_r + 0.5) * step_y)
+    poly_i, cell_i = shapely.STRtree(centres).query(polys, predicate="contains")
+    values = grid[cells_r, cells_c]
     feats = []
-    for ring in outer:
-        inside = [h for h in holes if points_in_poly(h[:1, ::-1], ring[:, ::-1])[0]]
-        # a hole of an island nested in this ring's hole lies inside both: keep the direct ones
-        inside = [h for h in inside if not _nested_in_other(h, inside, outer, ring)]
-        cells = _cells_in(ring, inside, above)
-        prob = float(grid[cells].mean()) if cells.any() else 0.0
-        coords = [_to_level0(r, x0, y0, step_x, step_y) for r in [ring, *inside]]
-        feats.append(_feature(coords, name, {"probability": prob, "tiles": int(cells.sum())}))
+    for i, poly in enumerate(polys):
+        inside = values[cell_i[poly_i == i]]
+        props = _measurements(poly.area, inside, mpp)
+        feats.append(_feature(_rings(poly), name, props))
     return {"type": "FeatureCollection", "features": feats}
 
 
-def _inside(points: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    from skimage.measure import points_in_poly
-
-    return points_in_poly(points, ring[:, ::-1])
-
-
-def _nested_in_other(
-    hole: np.ndarray, holes: list[np.ndarray], outer: list[np.ndarray], ring: np.ndarray
-) -> bool:
-    """True when ``hole`` lies inside an island (another outer ring) that itself lies in one of
-    ``holes``: it belongs to that island, not to ``ring``."""
-    p = hole[:1, ::-1]
-    for island in outer:
-        if island is ring or not _inside(p, island)[0]:
-            continue
-        if any(_inside(island[:1, ::-1], h)[0] for h in holes if h is not hole):
-            return True
-    return False
+def _row_runs(above: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, first col, last col + 1) of each horizontal run of True cells."""
+    edges = np.diff(np.pad(above.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    r_start, c_start = np.nonzero(edges == 1)
+    _, c_stop = np.nonzero(edges == -1)  # row-major order: stops pair with starts
+    return r_start, c_start, c_stop
 
 
-def _cells_in(ring: np.ndarray, holes: list[np.ndarray], above: np.ndarray) -> np.ndarray:
-    """Cells of ``above`` inside ``ring`` and outside all of ``holes``."""
-    rr, cc = np.nonzero(above)
-    pts = np.stack([cc, rr], 1).astype(float)
-    keep = _inside(pts, ring)
-    for hole in holes:
-        keep &= ~_inside(pts, hole)
-    out = np.zeros_like(above)
-    out[rr[keep], cc[keep]] = True
-    return out
+def _measurements(area_px: float, values: np.ndarray, mpp: tuple[float, float] | None) -> dict:
+    """A region's properties: cell count, mean/max value, area in level-0 px² (and µm²)."""
+    m: dict[str, Any] = {
+        "tiles": int(len(values)),
+        "probability": float(values.mean()),
+        "max_probability": float(values.max()),
+        "area_px": float(area_px),
+    }
+    if mpp is not None:
+        m["area_um2"] = float(area_px * mpp[0] * mpp[1])
+    return {**m, "measurements": dict(m)}
 
 
-def _to_level0(ring: np.ndarray, x0: float, y0: float, sx: float, sy: float) -> list[list[float]]:
-    # contour vertices sit on cell centres' half-way lines; +0.5 maps them to cell edges
-    pts = [[float(x0 + (c + 0.5) * sx), float(y0 + (r + 0.5) * sy)] for r, c in ring]
-    if pts[0] != pts[-1]:
-        pts.append(pts[0])
-    return pts
+def _rings(poly: Any) -> list[list[list[float]]]:
+    """GeoJSON rings of a shapely Polygon: exterior counter-clockwise, holes clockwise."""
+    from shapely.geometry.polygon import orient
+
+    poly = orient(poly, sign=1.0)
+    rings = [poly.exterior, *poly.interiors]
+    return [[[float(x), float(y)] for x, y in ring.coords] for ring in rings]
 
 
 def write_geojson(collection: dict[str, Any], path: str | os.PathLike[str]) -> Path:

@@ -1,17 +1,18 @@
 """Slide prediction and attention heatmaps with a ``train-mil`` checkpoint.
 
-:class:`MILPredictor` reads a slide's feature file (``features_dir``, from ``slidestream
-features``) or computes the features with the checkpoint's encoder settings (refusing when the
-encoder's weights differ from the ones the training features came from), runs the MIL model and
-writes, per slide: ``<stem>.attention.csv`` (x, y, w, h in level-0 px, attention, relative
-attention), ``<stem>.attention.npy`` (rows, cols) and ``.attention.png`` (relative attention =
-attention / its maximum, on the patch grid, NaN outside tissue) and ``<stem>.attention.geojson``
-(outlines of relative attention >= threshold, or one square per patch with ``geojson="tiles"``).
+:class:`MILPredictor` (an adapter of :class:`~slidestream.infer.engine.Predictor`) reads a
+slide's feature file (``features_dir``, from ``slidestream features``) or computes the features
+with the checkpoint's encoder settings (refusing when the encoder's weights differ from the ones
+the training features came from), runs the MIL model and writes, per slide:
+``<stem>.attention.csv`` (x, y, w, h in level-0 px, attention, relative attention),
+``<stem>.attention.npy`` (rows, cols) and ``.attention.png`` (relative attention = attention /
+its maximum, on the patch grid, NaN outside tissue), ``<stem>.attention.geojson`` (the union of
+the cells whose relative attention >= threshold, or one square per patch with
+``geojson="tiles"``) and ``<stem>.viewer.html``.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
@@ -24,58 +25,85 @@ from slidestream.data.feature_folder import FeatureFolder, check_settings, setti
 from slidestream.data.features import read_features
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
-from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson
-from slidestream.infer.heatmap import heatmap_overlay
-from slidestream.infer.predict import SlidePrediction, warn_if_empty
-from slidestream.infer.viewer import write_viewer
-from slidestream.io import Slide, open_slide
-from slidestream.models.checkpoint import load_checkpoint
-from slidestream.models.mil import load_mil_model
+from slidestream.infer.engine import (
+    Layout,
+    OutputNames,
+    Predictor,
+    Scores,
+    TileTable,
+    cell_grid,
+    sampler_cell,
+)
+from slidestream.io import Slide
+from slidestream.models.mil import MILModel, MILSpec
 from slidestream.models.slide import predictions
 from slidestream.sampling import GridPatchSampler
 
-__all__ = ["MILPredictor", "attention_grid"]
+__all__ = ["MILPredictor"]
 
 log = logging.getLogger(__name__)
 
 
-def attention_grid(
-    slide: Slide, sampler: GridPatchSampler, xy: np.ndarray, values: np.ndarray
-) -> np.ndarray:
-    """(rows, cols) float32 of per-patch ``values`` on the sampler's full grid (NaN elsewhere)."""
-    rows, cols = sampler.grid_shape(slide)
-    step_x, step_y = (sampler.step * s / sampler.size for s in sampler.geometry(slide).size0)
-    grid = np.full((rows, cols), np.nan, np.float32)
-    r = np.minimum(np.rint(xy[:, 1] / step_y).astype(int), rows - 1)
-    c = np.minimum(np.rint(xy[:, 0] / step_x).astype(int), cols - 1)
-    grid[r, c] = values
-    return grid
-
-
-class MILPredictor:
+class MILPredictor(Predictor):
     """A MIL checkpoint ready to predict slides and map its attention onto them."""
+
+    kind = "mil"
+    outputs = OutputNames(table="attention.csv", heatmap="attention", geojson="attention.geojson")
 
     def __init__(
         self,
         checkpoint: str | os.PathLike[str],
         *,
+        state: dict[str, Any] | None = None,
         features_dir: str | os.PathLike[str] | None = None,
         device: str = "auto",
         batch_size: int = 64,
         workers: int = 2,
     ) -> None:
-        ckpt = load_checkpoint(checkpoint)
-        self.model, self.spec = load_mil_model(ckpt)
+        super().__init__(checkpoint, state=state)
+        try:
+            self.spec = MILSpec(**self.ckpt["model"])
+        except TypeError as exc:
+            raise ConfigError(f"{checkpoint}: unknown MIL model settings ({exc})") from exc
+        model = MILModel(self.spec)
+        what = f"the {self.spec.aggregator} MIL model it names"
         self.device = resolve_device(device)
-        self.model.to(self.device)
-        self.classes: list[str] = list(ckpt["classes"]) or ["value"]
-        self.feat: dict[str, Any] = dict(ckpt.get("features") or {})
+        self.model = self.fit_weights(model, what).eval().to(self.device)
+        self.feat: dict[str, Any] = dict(self.ckpt.get("features") or {})
+        if "size" not in self.feat:
+            raise ConfigError(f"{checkpoint} records no feature settings; retrain with train-mil")
         self.features_dir = Path(features_dir) if features_dir else None
         self.batch_size, self.workers = batch_size, workers
         self._extractor: Any = None
         self._folder: FeatureFolder | None = None
 
-    def _compute(self, path: Path, slide_mpp: float | None, backend: str) -> tuple:
+    def sampler(self) -> GridPatchSampler:
+        f = self.feat
+        return GridPatchSampler(
+            int(f["size"]), f.get("mpp") or None, min_tissue=float(f.get("min_tissue", 0.5))
+        )
+
+    def layout(self, slide: Slide, out: Path) -> Layout:
+        """The stored feature file's patches when ``features_dir`` holds one (no tissue
+        detection needed), else the tissue grid whose features :meth:`score` computes."""
+        stored = None
+        if self.features_dir is not None:
+            if self._folder is None:
+                self._folder = FeatureFolder(self.features_dir)
+            stored, _ = self._folder.find(slide.path)
+        if stored is None:
+            return super().layout(slide, out)
+        feats, xy, attrs = read_features(stored)
+        check_settings(
+            [stored],
+            [settings_of(attrs, feats.shape[1] if len(feats) else None)],
+            settings_of(self.feat, self.spec.in_dim),
+            against="features the model was trained on",
+        )
+        xy = np.asarray(xy, np.int64)
+        return Layout(None, self.sampler(), xy, np.ones(len(xy), np.float32), feats)
+
+    def _encoder(self, backend: str) -> Any:
         from slidestream.infer.features import FeatureExtractor
 
         f = self.feat
@@ -98,123 +126,47 @@ class MILPredictor:
                     f"the encoder {f['encoder']} here has weights {mine}, the training features "
                     f"{theirs}; pass --features DIR with the slides' feature files"
                 )
-        slide = open_slide(path, backend=backend, mpp=slide_mpp)
-        from slidestream.tissue import detect_tissue
-
-        mask = detect_tissue(slide, cache_dir=None)
-        xy = self._extractor.sampler.locations(slide, mask)[:, :2].astype(np.int64)
-        return self._extractor.encode(slide, xy), xy, slide
-
-    def features(self, path: Path, slide_mpp: float | None, backend: str) -> tuple:
-        """(features (N, D) float32, coords (N, 2) level-0 px, open slide) of one slide."""
-        stored = None
-        if self.features_dir is not None:
-            if self._folder is None:
-                self._folder = FeatureFolder(self.features_dir)
-            stored, _ = self._folder.find(path)
-        if stored is not None:
-            feats, xy, attrs = read_features(stored)
-            check_settings(
-                [stored],
-                [settings_of(attrs, feats.shape[1] if len(feats) else None)],
-                settings_of(self.feat, self.spec.in_dim),
-                against="features the model was trained on",
-            )
-            return (
-                np.asarray(feats, np.float32),
-                xy,
-                open_slide(path, backend=backend, mpp=slide_mpp),
-            )
-        return self._compute(path, slide_mpp, backend)
+        return self._extractor
 
     @torch.no_grad()
-    def predict(
-        self,
-        path: str | os.PathLike[str],
-        out_dir: str | os.PathLike[str],
-        *,
-        backend: str = "auto",
-        slide_mpp: float | None = None,
-        threshold: float = 0.5,
-        geojson: str = "contours",
-        target: str | None = None,
-        stem: str | None = None,
-        **_: Any,
-    ) -> SlidePrediction:
-        """Predict one slide and write its attention CSV, heatmap NPY/PNG, GeoJSON and viewer
-        page, named ``<stem>.attention.*`` / ``<stem>.viewer.html`` (``stem``: the slide's file
-        stem unless given)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = Path(path)
-        feats, xy, slide = self.features(path, slide_mpp, backend)
-        stem = stem or path.stem
+    def score(self, slide: Slide, layout: Layout, target: str | None, **_: Any) -> Scores:
+        """Attention of every patch and the slide's prediction (``target`` is not used: the
+        heatmap is the attention)."""
+        feats = layout.data
+        if feats is None:
+            feats = self._encoder("auto").encode(slide, layout.xy)
+        feats = np.asarray(feats, np.float32)
         if len(feats) == 0:
             nan = [float("nan")] * len(self.classes)
-            return SlidePrediction(str(path), "no tissue", nan, 0, 0, stem, "attention")
+            empty = dict(heat=None, cell=(1.0, 1.0), label="", name="", caption="")
+            return Scores("no tissue", nan, 0, heatmap_class="attention", positive=False, **empty)
         logits, att = self.model.forward_attention(torch.from_numpy(feats).to(self.device))
         probs = predictions(self.spec.task, logits).cpu().numpy()[0]
         att = att.cpu().numpy()
         rel = att / max(float(att.max()), 1e-12)
-        self._write(path, stem, out, slide, xy, att, rel, threshold, geojson)
+        sampler = layout.sampler
+        columns = {"attention": (att, ".6g"), "relative_attention": (rel, ".5f")}
+        table = TileTable(
+            layout.xy, sampler.geometry(slide).size0, columns, rel[:, None], ["attention"]
+        )
+        call = self._call(probs)
+        return Scores(
+            call=call,
+            probs=[float(p) for p in probs],
+            tiles=len(feats),
+            heat=cell_grid(slide, sampler, layout.xy, rel),
+            cell=sampler_cell(slide, sampler),
+            label="attention / max",
+            name="attention",
+            caption="MIL attention",
+            heatmap_class="attention",
+            positive=call not in ("", self.classes[0]),
+            table=table,
+        )
+
+    def _call(self, probs: np.ndarray) -> str:
         if self.spec.task == "regression":
-            call = f"{probs[0]:.4g}"
-        elif self.spec.task == "multilabel":
-            call = ";".join(c for c, p in zip(self.classes, probs, strict=True) if p >= 0.5)
-        else:
-            call = self.classes[int(np.argmax(probs))]
-        return SlidePrediction(
-            str(path), call, [float(p) for p in probs], len(feats), 0, stem, "attention"
-        )
-
-    def _write(
-        self,
-        path: Path,
-        stem: str,
-        out: Path,
-        slide: Slide,
-        xy: np.ndarray,
-        att: np.ndarray,
-        rel: np.ndarray,
-        threshold: float,
-        geojson: str,
-    ) -> None:
-        from PIL import Image
-
-        f = self.feat
-        sampler = GridPatchSampler(int(f["size"]), f.get("mpp") or None, min_tissue=0.0)
-        size0 = sampler.geometry(slide).size0
-        with open(out / f"{stem}.attention.csv", "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["x", "y", "w", "h", "attention", "relative_attention"])
-            for (x, y), a, r in zip(xy, att, rel, strict=True):
-                w.writerow(
-                    [int(x), int(y), round(size0[0], 2), round(size0[1], 2), f"{a:.6g}", f"{r:.5f}"]
-                )
-        grid = attention_grid(slide, sampler, xy, rel)
-        np.save(out / f"{stem}.attention.npy", grid)
-        rows, cols = grid.shape
-        step = tuple(sampler.step * s / sampler.size for s in size0)
-        w0, h0 = slide.dimensions
-        cover = (cols * step[0] / w0, rows * step[1] / h0)
-        thumb = slide.thumbnail(1024)
-        Image.fromarray(heatmap_overlay(thumb, grid, cover, "attention")).save(
-            out / f"{stem}.attention.png"
-        )
-        collection = (
-            tiles_geojson(xy, size0, rel[:, None], ["attention"], threshold)
-            if geojson == "tiles"
-            else contours_geojson(grid, (0.0, 0.0, *step), "attention", threshold)
-        )
-        write_geojson(collection, out / f"{stem}.attention.geojson")
-        warn_if_empty(path, grid, collection, "attention", threshold)
-        write_viewer(
-            out / f"{stem}.viewer.html",
-            thumb,
-            (w0, h0),
-            grid,
-            step,
-            collection,
-            title=f"{stem}: MIL attention",
-            heat_label="attention / max",
-        )
+            return f"{probs[0]:.4g}"
+        if self.spec.task == "multilabel":
+            return ";".join(c for c, p in zip(self.classes, probs, strict=True) if p >= 0.5)
+        return self.classes[int(np.argmax(probs))]

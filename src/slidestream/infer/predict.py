@@ -1,12 +1,11 @@
 """Whole-slide prediction with a patch classifier: grid tiles over tissue, read by DataLoader
-workers while the model runs, written as tiles CSV, heatmap (NPY + PNG), GeoJSON and a call."""
+workers while the model runs, written as tiles CSV, heatmap (NPY + PNG), GeoJSON and a call
+(an adapter of :class:`~slidestream.infer.engine.Predictor`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,32 +15,22 @@ from torch.utils.data import DataLoader, Dataset
 from slidestream.colors import hex_color
 from slidestream.data.functional import normalize, resolve_device
 from slidestream.errors import ConfigError, SlideReadError
-from slidestream.infer.export import contours_geojson, tiles_geojson, write_geojson, write_tiles_csv
-from slidestream.infer.heatmap import heatmap_overlay
-from slidestream.infer.viewer import write_viewer
-from slidestream.io import Slide, open_slide
-from slidestream.models.checkpoint import load_checkpoint
+from slidestream.infer.engine import (
+    Layout,
+    Predictor,
+    Scores,
+    SlidePrediction,
+    TileTable,
+    cell_grid,
+    sampler_cell,
+)
+from slidestream.io import Slide
 from slidestream.models.classifiers import create_classifier
 from slidestream.sampling import GridPatchSampler, PatchLocation
-from slidestream.tissue import detect_tissue
 
 __all__ = ["PatchPredictor", "SlidePrediction", "aggregate"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SlidePrediction:
-    """Slide-level result: the call, class probabilities, how many tiles voted, how many tiles
-    were left out because their pixels could not be decoded, and the outputs' file stem."""
-
-    slide: str
-    call: str
-    probs: list[float]
-    tiles: int
-    damaged: int = 0
-    stem: str = ""
-    heatmap_class: str = ""  # the class whose probability the heatmap and GeoJSON show
 
 
 class _Tiles(Dataset):
@@ -65,25 +54,9 @@ class _Tiles(Dataset):
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), True
 
 
-def warn_if_empty(
-    path: Any, grid: np.ndarray, collection: dict[str, Any], name: str, threshold: float
-) -> None:
-    """Log a warning naming the slide when its heatmap has no predicted cell, or when no
-    region reaches ``threshold`` (an empty GeoJSON)."""
-    if not np.isfinite(grid).any():
-        log.warning("%s: no tile was predicted (no tissue found?): the heatmap is empty", path)
-    elif not collection.get("features"):
-        log.warning(
-            "%s: no region reaches p(%s) >= %g: the GeoJSON is empty (lower --threshold or "
-            "choose another --class)",
-            path,
-            name,
-            threshold,
-        )
-
-
 def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.ndarray:
-    """Slide-level class probabilities from tile probabilities (N, C)."""
+    """Slide-level class probabilities (C,) from tile probabilities (N, C); NaN when N = 0.
+    Raises ConfigError for a method other than mean, majority or topk."""
     if len(probs) == 0:
         return np.full(probs.shape[1], np.nan)
     if method == "mean":
@@ -100,42 +73,44 @@ def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.nda
     raise ConfigError(f"aggregate must be mean, majority or topk, got {method!r}")
 
 
-class PatchPredictor:
-    """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint)."""
+class PatchPredictor(Predictor):
+    """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint:
+    classes, mpp, patch size, normalisation). Outputs per slide: ``<stem>.tiles.csv`` (x, y,
+    w, h level-0 px, tissue_fraction, p_<class>), ``.heatmap.npy`` (C, rows, cols) float32,
+    ``.heatmap.png``, ``.geojson``, ``.viewer.html``. Tiles whose pixels cannot be decoded are
+    left out (NaN in the heatmap) and counted in ``damaged``."""
+
+    kind = "patch"
 
     def __init__(
         self,
         checkpoint: str | os.PathLike[str],
         *,
+        state: dict[str, Any] | None = None,
         device: str = "auto",
         batch_size: int = 64,
         workers: int = 2,
         min_tissue: float = 0.25,
     ) -> None:
-        ckpt = load_checkpoint(checkpoint)
-        if ckpt["kind"] != "patch":
-            raise ConfigError(f"{checkpoint} is a {ckpt['kind']} checkpoint, not a patch model")
-        self.classes: list[str] = list(ckpt["classes"])
+        super().__init__(checkpoint, state=state)
+        ckpt = self.ckpt
         self.mpp, self.size = ckpt.get("mpp"), int(ckpt["patch_size"])
         norm = ckpt.get("normalization") or {}
         self.mean, self.std = norm.get("mean"), norm.get("std")
         self.device = resolve_device(device)
-        self.model = create_classifier(ckpt["model"]["name"], len(self.classes))
-        try:
-            self.model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0][:160]
-            raise ConfigError(
-                f"{checkpoint}: its weights do not fit {ckpt['model']['name']} with "
-                f"{len(self.classes)} classes ({first}); was the file edited or mixed up?"
-            ) from exc
-        self.model.to(self.device).eval()
+        name = ckpt["model"]["name"]
+        model = create_classifier(name, len(self.classes))
+        what = f"{name} with {len(self.classes)} classes"
+        self.model = self.fit_weights(model, what).to(self.device).eval()
         self.batch_size, self.workers, self.min_tissue = batch_size, workers, min_tissue
+
+    def sampler(self) -> GridPatchSampler:
+        return GridPatchSampler(self.size, self.mpp, min_tissue=self.min_tissue, cover_edges=True)
 
     @torch.no_grad()
     def tile_probs(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) of the tiles at ``xy``; NaN rows for tiles whose pixels
-        cannot be decoded."""
+        """Class probabilities (N, C) float32 of the tiles at ``xy`` (level-0 px); NaN rows for
+        tiles whose pixels cannot be decoded."""
         loader = DataLoader(
             _Tiles(slide, sampler, xy),
             batch_size=self.batch_size,
@@ -152,106 +127,48 @@ class PatchPredictor:
             out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(
+    def score(
         self,
-        path: str | os.PathLike[str],
-        out_dir: str | os.PathLike[str],
-        *,
-        backend: str = "auto",
-        slide_mpp: float | None = None,
+        slide: Slide,
+        layout: Layout,
+        target: str | None,
         aggregate_by: str = "mean",
         topk: int = 10,
-        threshold: float = 0.5,
-        geojson: str = "contours",
-        target: str | None = None,
-        stem: str | None = None,
-    ) -> SlidePrediction:
-        """Predict one slide and write ``<stem>.tiles.csv``, ``.heatmap.npy``/``.png``,
-        ``.geojson`` and ``.viewer.html`` (zoomable page: slide, heatmap, contours) (``stem``:
-        the slide's file stem unless given). Tiles whose pixels cannot
-        be decoded are left out (NaN in the heatmap) and counted in ``damaged``."""
-        from PIL import Image
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        slide = open_slide(path, backend=backend, mpp=slide_mpp)
-        sampler = GridPatchSampler(
-            self.size, self.mpp, min_tissue=self.min_tissue, cover_edges=True
-        )
-        mask = detect_tissue(slide, cache_dir=out / "masks")
-        locs = sampler.locations(slide, mask)
-        xy, tissue = locs[:, :2].astype(np.int64), locs[:, 2]
-        probs = self.tile_probs(slide, sampler, xy)
+        **_: Any,
+    ) -> Scores:
+        """Tile probabilities on the grid; the call from ``aggregate_by`` (see :func:`aggregate`)."""
+        sampler = layout.sampler
+        probs = self.tile_probs(slide, sampler, layout.xy)
         read = np.isfinite(probs).all(1)
-        damaged = int((~read).sum())
-        xy, tissue, probs = xy[read], tissue[read], probs[read]
-        stem, size0 = stem or Path(path).stem, sampler.geometry(slide).size0
-        write_tiles_csv(out / f"{stem}.tiles.csv", xy, size0, tissue, probs, self.classes)
-        k = self._target_index(target)
-        grid = self._grid(slide, sampler, xy, probs)
-        np.save(out / f"{stem}.heatmap.npy", grid)
-        thumb = slide.thumbnail(1024)
-        w0, h0 = slide.dimensions
-        rows, cols = grid.shape[1:]
-        step = sampler.step * size0[0] / self.size, sampler.step * size0[1] / self.size
-        cover = (cols * step[0] / w0, rows * step[1] / h0)
-        Image.fromarray(heatmap_overlay(thumb, grid[k], cover, f"p({self.classes[k]})")).save(
-            out / f"{stem}.heatmap.png"
-        )
-        collection = (
-            tiles_geojson(xy, size0, probs, self.classes, threshold)
-            if geojson == "tiles"
-            else contours_geojson(grid[k], (0.0, 0.0, *step), self.classes[k], threshold)
-        )
-        write_geojson(collection, out / f"{stem}.geojson")
-        warn_if_empty(path, grid[k], collection, self.classes[k], threshold)
-        side = min(4096, max(1024, 4 * max(rows, cols)))
-        write_viewer(
-            out / f"{stem}.viewer.html",
-            thumb if side == 1024 else slide.thumbnail(side),
-            (w0, h0),
-            grid[k],
-            step,
-            collection,
-            title=f"{stem}: p({self.classes[k]})",
-            heat_label=f"p({self.classes[k]})",
-            contour_color=hex_color(self.classes[k]),
-        )
+        xy, tissue, probs = layout.xy[read], layout.tissue[read], probs[read]
+        k = self.target_index(target)
+        drawn = self.classes[k]
+        grid = cell_grid(slide, sampler, xy, probs)
         slide_probs = aggregate(probs, aggregate_by, topk)
         call = self.classes[int(np.nanargmax(slide_probs))] if len(probs) else "no tissue"
-        return SlidePrediction(
-            str(path),
-            call,
-            [float(p) for p in slide_probs],
-            len(probs),
-            damaged,
-            stem,
-            self.classes[k],
+        columns = {"tissue_fraction": (tissue, ".4f")}
+        columns.update({f"p_{c}": (probs[:, i], ".5f") for i, c in enumerate(self.classes)})
+        size0 = sampler.geometry(slide).size0
+        return Scores(
+            call=call,
+            probs=[float(p) for p in slide_probs],
+            tiles=len(probs),
+            heat=grid[k],
+            cell=sampler_cell(slide, sampler),
+            label=f"p({drawn})",
+            name=drawn,
+            caption=f"p({drawn})",
+            heatmap_class=drawn,
+            positive=call == drawn,
+            saved=grid,
+            table=TileTable(xy, size0, columns, probs, self.classes),
+            damaged=int((~read).sum()),
+            color=hex_color(drawn),
         )
 
     def heatmap_class(self, target: str | None) -> str:
         """The class whose probability heatmaps and GeoJSON show for ``--class target``."""
-        return self.classes[self._target_index(target)]
-
-    def _target_index(self, target: str | None) -> int:
-        if target is None:  # the positive (second) class of two, else the last
-            return 1 if len(self.classes) == 2 else len(self.classes) - 1
-        if target not in self.classes:
-            raise ConfigError(f"--class must be one of {self.classes}, got {target!r}")
-        return self.classes.index(target)
-
-    def _grid(
-        self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray, probs: np.ndarray
-    ) -> np.ndarray:
-        """(C, rows, cols) probabilities on the full tile grid, NaN where no tile was predicted."""
-        rows, cols = sampler.grid_shape(slide)
-        size0 = sampler.geometry(slide).size0
-        step_x, step_y = (sampler.step * s / self.size for s in size0)
-        grid = np.full((len(self.classes), rows, cols), np.nan, np.float32)
-        r = np.minimum(np.rint(xy[:, 1] / step_y).astype(int), rows - 1)
-        c = np.minimum(np.rint(xy[:, 0] / step_x).astype(int), cols - 1)
-        grid[:, r, c] = probs.T
-        return grid
+        return self.classes[self.target_index(target)]
 
     def describe(self) -> dict[str, Any]:
         return {"classes": self.classes, "mpp": self.mpp, "patch_size": self.size}
