@@ -221,10 +221,11 @@ def test_viewer_reaches_the_finest_level_in_a_browser(slides, tmp_path):
     assert whole["opened"] == "1" and whole["items"] == "2" and whole["contours"] == "1"
     assert whole["max-level"] == "12" and int(whole["max-level-loaded"]) < 12
     assert 3.0 < float(whole["l0-per-px"]) < 4.5  # the whole slide fits 900 px
-    near = _state(page, "#x=1500&y=1000&scale=0.5")
+    assert whole["heat-opacity"] == "0.5"
+    near = _state(page, "#x=1500&y=1000&scale=0.5&opacity=0.3")
     assert near["max-level-loaded"] == "12" and int(near["tiles-loaded"]) > 0
     assert float(near["um-per-px"]) == pytest.approx(0.125, rel=1e-3)
-    assert near["heat-opacity"] == "0.5"
+    assert near["heat-opacity"] == "0.3"
 
 
 def test_heatmap_and_contours_are_drawn_in_place(tmp_path):

@@ -7,9 +7,9 @@ semi-transparent layer (show/hide, opacity slider, colour bar), the GeoJSON cont
 overlay in their class colours (show/hide), a scale bar in µm (when the mpp is known) and the
 title. It opens from ``file://`` with no network and no server: tiles load as ``<img>`` and the
 pyramid is described inline, not fetched. Pan with the mouse, zoom with the wheel; the URL hash
-(``#x=…&y=…&scale=…``, level-0 px and level-0 px per screen px, or ``mpp=`` µm per screen px)
-holds the view, so a link or a reload returns to it. All coordinates are level-0 px of the
-slide, y growing downwards as in QuPath.
+(``#x=…&y=…&scale=…&opacity=…``: level-0 px, level-0 px per screen px or ``mpp=`` µm per
+screen px, heatmap opacity) holds the view, so a link or a reload returns to it. All
+coordinates are level-0 px of the slide, y growing downwards as in QuPath.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _heat_png(grid: np.ndarray) -> str:
     rgb = colormap(grid)
     alpha = np.where(np.isfinite(grid), 255, 0).astype(np.uint8)[..., None]
     rgba = np.concatenate([rgb, alpha], 2)
-    k = max(1, min(16, HEAT_SIDE // max(grid.shape)))  # crisp cells when the browser smooths
+    k = max(1, min(64, HEAT_SIDE // max(grid.shape)))  # crisp cells when the browser smooths
     rgba = np.repeat(np.repeat(rgba, k, 0), k, 1)
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)

@@ -27,6 +27,7 @@
     showNavigator: true,
     navigatorPosition: "TOP_RIGHT",
     maxZoomPixelRatio: 8,
+    preserveImageSizeOnResize: true, // a window resize keeps µm per screen px
     visibilityRatio: 0.2,
     gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: true },
   });
@@ -98,6 +99,7 @@
   // #x=<level-0 px>&y=<level-0 px>&scale=<level-0 px per screen px> (or mpp=<µm per screen px>)
   function fromHash() {
     var q = new URLSearchParams(location.hash.slice(1));
+    if (opacity && q.has("opacity")) opacity.value = q.get("opacity");
     var s = +q.get("scale") || (cfg.slide.mpp ? +q.get("mpp") / cfg.slide.mpp : 0);
     if (!(s > 0)) return;
     var size = viewer.viewport.getContainerSize();
@@ -109,7 +111,7 @@
   function toHash() {
     var c = viewer.viewport.getCenter(true);
     var hash = "#x=" + Math.round(c.x) + "&y=" + Math.round(c.y) +
-      "&scale=" + (1 / screenScale()).toPrecision(4);
+      "&scale=" + (1 / screenScale()).toPrecision(4) + (heat ? "&opacity=" + opacity.value : "");
     history.replaceState(null, "", hash);
   }
 
@@ -134,8 +136,8 @@
 
   viewer.addHandler("open", function () {
     if (cfg.heat) heat = viewer.world.getItemAt(1);
-    applyHeat();
     fromHash();
+    applyHeat();
     place();
     state.items = String(viewer.world.getItemCount());
     state.opened = "1";
