@@ -9,8 +9,8 @@ viewer is photographed in headless Chromium at the whole-slide view (``viewer.pn
 to ``--zoom-mpp`` µm per screen px on the most tissue-rich cell (``viewer-cells.png``); the
 µm/px on screen is read back from the page.
 
-The last line printed is JSON: per route ``seconds``, ``pyramid_mb``, ``tiles``, ``peak_rss_mb``
-(of the process, after the route ran), and the screenshots' ``um_per_px``.
+The last line printed is JSON: per route ``seconds``, ``pyramid_mb``, ``tiles``, ``rss_growth_mb``
+(how far the process RSS rose while the route ran), ``mpix_per_s`` (level-0 megapixels per s), and the screenshots' ``um_per_px``.
 
     python benchmarks/viewer_pyramid.py [--synthetic 40000 30000] [--screenshots docs]
 """
@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from slidestream.infer.export import contours_geojson
 from slidestream.infer.viewer import viewer_files, write_viewer
@@ -48,14 +49,34 @@ def tissue_grid(slide) -> np.ndarray:
     return np.where(grid > 0.02, grid, np.nan)
 
 
+def rss_growth(fn):
+    """``fn()`` and how far the process RSS rose above its start while it ran, in MB."""
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.wait(0.05):
+            peak = max(peak, proc.memory_info().rss)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    try:
+        return fn(), (peak - base) / 1e6
+    finally:
+        done.set()
+        thread.join()
+
+
 def run_route(path: Path, backend: str, out: Path, grid: np.ndarray) -> dict:
     geo = contours_geojson(np.nan_to_num(grid), (0.0, 0.0, CELL, CELL), "tissue", 0.5)
     with open_slide(path, backend=backend) as slide:
         t0 = time.perf_counter()
-        page = write_viewer(
+        page, rss_mb = rss_growth(lambda: write_viewer(
             out / f"{path.stem}.viewer.html", slide, slide.dimensions, grid, (CELL, CELL), geo,
             title=f"{path.name}: tissue fraction", heat_label="tissue fraction",
-        )  # fmt: skip
+        ))  # fmt: skip
         seconds = time.perf_counter() - t0
     _, _, files = viewer_files(page)
     tiles = [f for f in files.rglob("*") if f.is_file()]
@@ -64,7 +85,8 @@ def run_route(path: Path, backend: str, out: Path, grid: np.ndarray) -> dict:
         "seconds": round(seconds, 2),
         "pyramid_mb": round(sum(f.stat().st_size for f in tiles) / 1e6, 2),
         "tiles": len(tiles),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_growth_mb": round(rss_mb, 1),
+        "mpix_per_s": round(slide.dimensions[0] * slide.dimensions[1] / seconds / 1e6, 1),
     }
 
 

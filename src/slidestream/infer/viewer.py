@@ -218,5 +218,7 @@ def write_viewer(
         url = _heat_png(g)
         config["heat"] = {"url": url, "width": g.shape[1] * float(cell[0]), "opacity": HEAT_OPACITY}
     controls = _controls(config["heat"] is not None, len(config["contours"]), heat_label)
-    page.write_text(_page(title, config, controls), encoding="utf-8")
+    part = page.with_name(page.name + ".part")
+    part.write_text(_page(title, config, controls), encoding="utf-8")
+    os.replace(part, page)  # never a half-written page
     return page
