@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from slidestream.errors import ConfigError
-from slidestream.infer.deepzoom import DeepZoom, dz_levels, write_deepzoom
+from slidestream.infer.deepzoom import DeepZoom, _direct_image, dz_levels, write_deepzoom
 from slidestream.infer.viewer import viewer_files, write_viewer
 from slidestream.io import open_slide
 
@@ -73,6 +73,7 @@ def test_pyramid_holds_the_slide_reader_pixels(slides, tmp_path, backend):
     """Both routes (libvips loader for pyvips, Slide.read streaming for the others) give the
     pixels Slide.read returns, at the finest level, and coarser levels of the same size."""
     with open_slide(slides["aperio"], backend=backend) as slide:
+        assert (_direct_image(slide) is not None) == (backend == "pyvips")
         dz = write_deepzoom(tmp_path / "p", slide, tile_format="png", tile_size=126)
         assert (dz.width, dz.height, dz.downsample, dz.mpp) == (1501, 1203, 1.0, 0.499)
         np.testing.assert_array_equal(_level(dz, dz.max_level), slide.read(0, 0, 1501, 1203))
@@ -102,6 +103,13 @@ def test_finest_mpp_caps_the_pyramid(slides, tmp_path):
         full = write_deepzoom(tmp_path / "f", slide, finest_mpp=0.25)  # finer than the scan
         assert (full.width, full.downsample, full.tile_format) == (1024, 1.0, "jpeg")
         assert (tmp_path / "f_files" / str(full.max_level) / "0_0.jpeg").is_file()
+
+
+def test_finest_mpp_without_slide_mpp_is_ignored_with_a_warning(slides, tmp_path, caplog):
+    with open_slide(slides["nompp"]) as slide, caplog.at_level("WARNING"):
+        dz = write_deepzoom(tmp_path / "n", slide, finest_mpp=1.0)
+    assert (dz.width, dz.downsample, dz.mpp) == (1200, 1.0, None)
+    assert "nompp.tiff has no mpp: finest_mpp=1.0 ignored" in caplog.text
 
 
 def test_array_pyramid_and_replacing_an_old_one(tmp_path):

@@ -13,7 +13,7 @@ file). Two routes, same pixels:
   ``dzsave`` then tiles. The temporary file is removed afterwards.
 
 Memory grows with the slide's width, not its area. Measured by ``benchmarks/viewer_pyramid.py``
-on a generated 20000 × 15000 px slide (one shared CPU core): the pyvips route 11.5 s
+on a generated 20000 × 15000 px slide (2 CPU cores shared with other jobs): the pyvips route 11.5 s
 (26 level-0 Mpx/s, RSS +117 MB), the streamed route 29 s (10 Mpx/s, RSS +180 MB); 82 MB of JPEG
 tiles.
 
