@@ -15,7 +15,7 @@ from PIL import Image
 
 from slidestream.errors import ConfigError
 from slidestream.infer.deepzoom import DeepZoom, _direct_image, dz_levels, write_deepzoom
-from slidestream.infer.viewer import viewer_files, write_viewer
+from slidestream.infer.viewer import copy_viewer, viewer_files, write_viewer
 from slidestream.io import open_slide
 
 GEO = {
@@ -155,6 +155,22 @@ def test_page_is_offline_and_describes_its_layers(slides, tmp_path):
     (contour,) = cfg["contours"]  # the Point is not drawn; the hole is a second sub-path
     assert contour["color"] == "#dc3220" and contour["d"].count("M") == 2
     assert [p.exists() for p in viewer_files(page)] == [True, True, True]
+
+
+def test_copied_viewer_points_at_its_copied_tiles(tmp_path):
+    img = np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    page = write_viewer(tmp_path / "a" / "s.viewer.html", img, (960, 640))
+    copy = copy_viewer(page, tmp_path / "report" / "img", "ab12-s.viewer.html")
+    url = _config(copy.read_text())["slide"]["source"]["Image"]["Url"]
+    assert url == "ab12-s.viewer_files/" and (copy.parent / url).is_dir()
+    tiles = sorted(p.relative_to(copy.parent / url) for p in (copy.parent / url).rglob("*.jpeg"))
+    assert tiles == sorted(
+        p.relative_to(viewer_files(page)[2]) for p in viewer_files(page)[2].rglob("*.jpeg")
+    )
+    assert (copy.parent / "ab12-s.viewer.dzi").is_file()
+    bare = tmp_path / "bare.viewer.html"
+    bare.write_text("<html>x</html>")  # no pyramid: the page alone
+    assert copy_viewer(bare, tmp_path / "r2", "b.html").read_text() == "<html>x</html>"
 
 
 def test_array_viewer_and_argument_checks(slides, tmp_path):

@@ -19,6 +19,7 @@ import html
 import io
 import json
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from slidestream.infer.deepzoom import write_deepzoom
 from slidestream.infer.heatmap import colormap
 from slidestream.io import Slide
 
-__all__ = ["write_viewer", "viewer_files"]
+__all__ = ["copy_viewer", "write_viewer", "viewer_files"]
 
 HEAT_SIDE = 4096  # px, longest side of the heatmap image (cells upscaled by an integer factor)
 HEAT_OPACITY = 0.5
@@ -42,6 +43,36 @@ def viewer_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     page = Path(path)
     stem = page.name[: -len(page.suffix)] if page.suffix else page.name
     return page, page.with_name(stem + ".dzi"), page.with_name(stem + "_files")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of the tiles where the file system allows
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def copy_viewer(page: str | os.PathLike[str], dst_dir: str | os.PathLike[str], name: str) -> Path:
+    """Copy a viewer (page, ``.dzi`` and tiles) into ``dst_dir`` as ``name`` (e.g.
+    ``"ab12-s1.viewer.html"``) and return the new page's path.
+
+    Tiles are hard-linked where possible (same file system), else copied; the page's tile URL is
+    pointed at the copied ``_files/`` folder. A page without a pyramid beside it (not written by
+    :func:`write_viewer`) is copied alone. An older copy under ``name`` is replaced.
+    """
+    src_page, src_dzi, src_files = viewer_files(page)
+    dst_page, dst_dzi, dst_files = viewer_files(Path(dst_dir) / name)
+    dst_page.parent.mkdir(parents=True, exist_ok=True)
+    text = src_page.read_text(encoding="utf-8")
+    if src_files.is_dir() and src_dzi.is_file():
+        if dst_files.exists():
+            shutil.rmtree(dst_files)
+        shutil.copytree(src_files, dst_files, copy_function=_link_or_copy)
+        shutil.copyfile(src_dzi, dst_dzi)
+        old, new = (f'"Url":"{quote(p.name)}/"' for p in (src_files, dst_files))
+        text = text.replace(old, new, 1)
+    dst_page.write_text(text, encoding="utf-8")
+    return dst_page
 
 
 def _static(name: str) -> str:
