@@ -88,6 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="I/N",
         help="predict every N-th slide from I (0 <= I < N; default: the torchrun rank, or all)",
     )
+    p.add_argument(
+        "--viewer-mpp",
+        type=float,
+        default=0.5,
+        metavar="MPP",
+        help="finest µm/px of the viewer's tile pyramid (default: 0.5; 0: the slide's level 0)",
+    )
+    p.add_argument("--no-viewer", action="store_true", help="write no viewer page or pyramid")
     add_backend_option(p)
     add_slide_mpp_option(p)
     p.set_defaults(func=run)
@@ -137,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         target=args.target,
         aggregate_by=args.aggregate,
         topk=args.topk,
+        viewer_mpp=args.viewer_mpp or None,
+        viewer=not args.no_viewer,
     )
     bar.close()
     for why in done.failed.values():

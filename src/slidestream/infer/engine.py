@@ -210,11 +210,15 @@ class Predictor(ABC):
         geojson: str = "contours",
         target: str | None = None,
         stem: str | None = None,
+        viewer_mpp: float | None = 0.5,
+        viewer: bool = True,
         **options: Any,
     ) -> SlidePrediction:
         """Predict one slide and write ``<stem>.*`` outputs into ``out_dir`` (``stem``: the
-        slide's file stem unless given): see :func:`~slidestream.infer.writer.write_outputs`.
-        ``options`` go to :meth:`score` (patch model: ``aggregate_by``, ``topk``)."""
+        slide's file stem unless given): see :func:`~slidestream.infer.writer.write_outputs`
+        (``viewer_mpp``: finest µm/px of the viewer's tile pyramid, None: the slide's level 0;
+        ``viewer=False``: no viewer page). ``options`` go to :meth:`score` (patch model:
+        ``aggregate_by``, ``topk``)."""
         from slidestream.infer.writer import write_outputs
 
         out = Path(out_dir)
@@ -223,7 +227,16 @@ class Predictor(ABC):
         with open_slide(path, backend=backend, mpp=slide_mpp) as slide:
             scores = self.score(slide, self.layout(slide, out), target, **options)
             if scores.heat is not None:
-                write_outputs(out, stem, slide, scores, self.outputs, threshold, geojson)
+                write_outputs(
+                    out,
+                    stem,
+                    slide,
+                    scores,
+                    self.outputs,
+                    threshold,
+                    geojson,
+                    viewer_mpp=viewer_mpp if viewer else False,
+                )
         return SlidePrediction(
             str(path),
             scores.call,

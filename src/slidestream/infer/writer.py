@@ -29,12 +29,18 @@ def write_outputs(
     names: OutputNames,
     threshold: float = 0.5,
     geojson: str = "contours",
+    *,
+    viewer_mpp: float | None | bool = 0.5,
 ) -> None:
     """Write ``out/<stem>.<names.table>`` (when the score has a tile table: x, y, w, h in
     level-0 px, then its columns), ``.<names.heatmap>.npy`` (``scores.saved``) and ``.png``
     (heatmap over a 1024 px thumbnail, with legend), ``.<names.geojson>`` (contours of the
     heatmap cells >= ``threshold`` with measurements, or with ``geojson="tiles"`` one square
-    per tile whose top probability reaches it) and ``.viewer.html``."""
+    per tile whose top probability reaches it) and ``.viewer.html`` with its DeepZoom tile
+    pyramid ``<stem>.viewer_files/`` read from the slide down to ``viewer_mpp`` µm/px (None: the
+    slide's level 0; a slide without mpp: level 0; ``False``: no viewer). Disk: about 0.3-0.5 MB per
+    Mpx of the finest level (JPEG tiles, measured), e.g. 0.1-0.2 GB for a 40k x 40k px slide at
+    0.25 µm/px capped to 0.5 µm/px."""
     from PIL import Image
 
     if scores.table is not None:
@@ -51,18 +57,19 @@ def write_outputs(
     collection = _geojson(slide, scores, threshold, geojson)
     write_geojson(collection, out / f"{stem}.{names.geojson}")
     warn_if_empty(slide.path, scores, collection, threshold)
-    side = min(4096, max(1024, 4 * max(rows, cols)))
-    image = thumb if side == 1024 else slide.thumbnail(side)  # viewer to cell level: `slide`
+    if viewer_mpp is False:
+        return
     color = {"contour_color": scores.color} if scores.color else {}
     write_viewer(
         out / f"{stem}.viewer.html",
-        image,
+        slide,
         (w0, h0),
         heat,
         cell,
         collection,
         title=f"{stem}: {scores.caption}",
         heat_label=scores.label,
+        finest_mpp=viewer_mpp if slide.mpp else None,
         **color,
     )
 
