@@ -128,10 +128,16 @@ def test_too_small_margin_gives_wrong_gradients_and_is_refused():
     measured = trunk_geometry(trunk, 3)
     shrink = AxisGeometry(1, measured.y.lo + 2, measured.y.hi - 2)
     small = TrunkGeometry(shrink, shrink)
-    errs = compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=small, verify_geometry=False)
+    unchecked = {"verify_geometry": False, "check_first_use": False}
+    errs = compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=small, **unchecked)
     assert errs["0.weight"] > 1e-3 and errs["output"] > 1e-3  # the comparison bites
     with pytest.raises(StreamingError, match="smaller than the trunk needs"):
         StreamingModule(trunk, 8, geometry=small)(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+    # the first-use check alone catches the same too-small margins
+    with pytest.raises(
+        StreamingError, match=r"test image the streamed .* is off ordinary backprop by"
+    ):
+        StreamingModule(trunk, 8, geometry=small, verify_geometry=False)(torch.randn(1, 3, 40, 40))
     assert max(compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=measured).values()) <= TOL
 
 
