@@ -223,10 +223,21 @@ def test_first_use_check_runs_once_per_trunk_and_tile_phase(monkeypatch):
     calls = []
     real = verify._check_axis
     monkeypatch.setattr(verify, "_check_axis", lambda *a: calls.append(a[-1]) or real(*a))
-    trunk = nn.Sequential(_c(3, 4, s=2), nn.ReLU(), _c(4, 4)).double().eval()
+    trunk = nn.Sequential(_c(3, 4, s=2), Branch(4, torch.relu)).double().eval()
     x = torch.randn(1, 3, 40, 36, dtype=torch.float64)
     for tile in (8, 8, 16, 24):  # align 2: 8, 16 and 24 have the same phase
         StreamingModule(trunk, tile)(x)
-    assert calls == [0, 1]
-    StreamingModule(nn.Sequential(_c(3, 4, s=2)).double(), 8)(x)
-    assert calls == [0, 1, 0, 1]
+    assert calls == [0, 1]  # once per axis
+    StreamingModule(nn.Sequential(_c(3, 4, s=2), Branch(4, torch.relu)).double(), 8)(x)
+    assert calls == [0, 1, 0, 1]  # another trunk
+    StreamingModule(nn.Sequential(_c(3, 4, s=2), nn.ReLU(), _c(4, 4)).double(), 8)(x)
+    assert calls == [0, 1, 0, 1]  # only torch.nn modules: trusted to the analysis
+
+
+def test_unknown_module_names_custom_blocks_not_torchvision_ones():
+    from torchvision.models.resnet import BasicBlock
+
+    from slidestream.streaming.verify import unknown_module
+
+    assert unknown_module(nn.Sequential(_c(3, 4), BasicBlock(4, 4), nn.ReLU())) is None
+    assert unknown_module(nn.Sequential(_c(3, 4), Branch(4, F.relu))) == "'1' (Branch)"

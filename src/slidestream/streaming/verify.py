@@ -3,7 +3,8 @@
 The analysis and the probes know convolutions, pools, interpolation, pixel (un)shuffle and
 padding, and refuse the ops they know to be non-local; anything else a trunk's ``forward()``
 does (a hand-written wrap-around shift, a size-dependent pad, randomness) is checked, not
-trusted: before a trunk is streamed for the first time with a given geometry and tile phase,
+trusted: before a trunk with a module outside ``torch.nn`` and :data:`KNOWN_BLOCKS` is
+streamed for the first time with a given geometry and tile phase,
 one forward + backward of a float64 copy is streamed and compared with ordinary autograd on
 a test image built to exercise the margins (per axis: at least three tile cores plus both
 margins, an odd remainder, the other axis as thin as the trunk allows). A mismatch is refused.
@@ -31,6 +32,33 @@ logger = logging.getLogger(__name__)
 VERIFY_TOLERANCE = 1e-8
 
 _CHECKED: weakref.WeakKeyDictionary[nn.Module, set] = weakref.WeakKeyDictionary()
+
+#: Blocks outside ``torch.nn`` whose ``forward()`` only calls ops the analysis knows (convs,
+#: norms, pointwise ops, a residual add, permutes); trunks made of these and of ``torch.nn``
+#: modules are trusted to the analysis and the probes, everything else is checked.
+KNOWN_BLOCKS = frozenset(
+    {
+        "torchvision.models.resnet.BasicBlock",
+        "torchvision.models.resnet.Bottleneck",
+        "torchvision.models.convnext.CNBlock",
+        "torchvision.models.convnext.LayerNorm2d",
+        "torchvision.models.mobilenetv2.InvertedResidual",
+        "torchvision.ops.misc.Permute",
+        "torchvision.ops.stochastic_depth.StochasticDepth",
+    }
+)
+
+
+def unknown_module(trunk: nn.Module) -> str | None:
+    """``'name' (Class)`` of the first module whose ``forward()`` is neither ``torch.nn``'s
+    nor a :data:`KNOWN_BLOCKS` block's, or None."""
+    for name, mod in trunk.named_modules():
+        cls = type(mod)
+        if cls.forward.__module__.startswith("torch.nn.modules."):
+            continue
+        if f"{cls.__module__}.{cls.__qualname__}" not in KNOWN_BLOCKS:
+            return f"{name or '<trunk>'!r} ({cls.__name__})"
+    return None
 
 
 def _test_tile(g: AxisGeometry, tile: int) -> int:
@@ -122,6 +150,9 @@ def verify_first_use(
 ) -> None:
     """Run the first-use check once per trunk, channel count, geometry and tile phase.
 
+    Trunks made only of ``torch.nn`` modules and :data:`KNOWN_BLOCKS` are trusted to the
+    analysis and probes (no check); a trunk with any other module is checked.
+
     ``make(trunk64, (h, w), geom)`` builds the streaming wrapper to test around a float64 copy.
     Raises :class:`StreamingError` when the streamed output, input gradient or any parameter
     gradient differs from ordinary backprop by more than ``VERIFY_TOLERANCE`` (relative).
@@ -130,6 +161,11 @@ def verify_first_use(
     done = _CHECKED.setdefault(trunk, set())
     if key in done:
         return
+    unknown = unknown_module(trunk)
+    if unknown is None:  # every module is torch.nn's or a known block: the analysis decides
+        done.add(key)
+        return
+    logger.info("first-use check of %s (unknown module %s)", type(trunk).__name__, unknown)
     trunk64 = copy.deepcopy(trunk).to(torch.float64)
     with torch.enable_grad():
         for axis in (0, 1):
