@@ -241,3 +241,16 @@ def test_unknown_module_names_custom_blocks_not_torchvision_ones():
 
     assert unknown_module(nn.Sequential(_c(3, 4), BasicBlock(4, 4), nn.ReLU())) is None
     assert unknown_module(nn.Sequential(_c(3, 4), Branch(4, F.relu))) == "'1' (Branch)"
+
+
+def test_check_first_use_flag_reaches_the_slide_model():
+    from slidestream.models.slide import SlideSpec, build_slide_model
+    from slidestream.train.slide_config import SlideTrainConfig
+
+    assert SlideTrainConfig(data="x.csv").check_streaming is True
+    spec = SlideSpec(name="resnet18", stream_until="layer1", tile_size=64)
+    assert build_slide_model(spec).stream.check_first_use is True
+    model = build_slide_model(spec, check_first_use=False)
+    assert model.stream.check_first_use is False
+    model.configure(128)
+    assert model.stream.check_first_use is False
