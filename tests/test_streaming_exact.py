@@ -177,6 +177,17 @@ class _Slice(nn.Module):
         return x[..., 1:, :]
 
 
+class _Train(nn.Module):
+    """Keeps ``m`` in training mode when the trunk is put in eval mode."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.train()(x)
+
+
 class _Softmax(nn.Module):
     def forward(self, x):
         return x.softmax(dim=-1)
@@ -195,6 +206,8 @@ REFUSED = {
     "phase_3_2": (nn.Sequential(nn.Upsample(scale_factor=2), _c(3, 2, s=3)), r"output stride along y is 3/2 px"),
     "shuffle_first": (nn.Sequential(_c(3, 8, 1), nn.PixelShuffle(2)), r"output stride along y is 1/2 px"),
     "slicing": (nn.Sequential(_c(3, 2), nn.Identity(), _Slice()), r"'2' \(_Slice\): indexing or slicing a feature map"),
+    "fractional_pool": (nn.Sequential(_c(3, 2), nn.FractionalMaxPool2d(2, output_ratio=0.5)), r"'1' \(FractionalMaxPool2d\): fractional max pooling"),
+    "rrelu_train": (nn.Sequential(_c(3, 2), _Train(nn.RReLU())), r"'1.m' \(RReLU\): RReLU in training mode"),
     "global_softmax": (nn.Sequential(_c(3, 2), _Softmax()), r"not spatially local: .* probe"),
     "wraparound_by_hand": (nn.Sequential(_c(3, 2), _Wrap(), _c(2, 2)), r"first-use|test image the streamed .* is off ordinary backprop"),
 }  # fmt: skip

@@ -48,6 +48,7 @@ _REFUSED = {
     "scaled_dot_product_attention": "attention mixes all positions; move it to the head",
     "fft_fft2": "a Fourier transform mixes all positions",
     "fft_rfft2": "a Fourier transform mixes all positions",
+    "fractional_max_pool2d": "fractional max pooling draws random regions per call",
     "fold": "fold/unfold re-arranges positions; use convolutions",
     "unfold": "fold/unfold re-arranges positions; use convolutions",
 }
@@ -112,6 +113,8 @@ class _Tracer(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _REFUSED:
             self.refuse(_REFUSED[name])
+        if name == "rrelu" and _arg(args, kwargs, 3, "training", False):
+            self.refuse("RReLU in training mode draws random slopes per call; call .eval() on it")
         if name == "__getitem__" and _slices_space(args):
             self.refuse(
                 "indexing or slicing a feature map along H/W is not shift-invariant; "
