@@ -98,10 +98,11 @@ class StreamingModule(nn.Module):
         geometry: dependency bounds to use instead of measuring them.
         verify_geometry: when ``geometry`` is given, measure anyway and refuse bounds that are
             too small (set False only to demonstrate what too small a margin does).
-        check_first_use: before the first use of a trunk with a given geometry and tile
-            phase, stream one float64 step of a copy on a small test image and refuse the
-            trunk when it differs from ordinary backprop (see :mod:`.verify`; cached per
-            trunk, a few seconds at most for a deep trunk on a CPU). ``False`` skips it.
+        check_first_use: for a trunk with a module outside ``torch.nn`` and the known
+            torchvision blocks (``verify.KNOWN_BLOCKS``), before its first use with a given
+            geometry and tile phase, stream one float64 step of a copy on a small test image
+            and refuse the trunk when it differs from ordinary backprop (see :mod:`.verify`;
+            cached per trunk). ``False`` skips it.
         release_memory: on CPU, return freed heap pages to the OS after each tile (glibc
             ``malloc_trim``) and fix glibc's mmap threshold at 4 MiB for the process (once;
             skipped when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment); without it
