@@ -41,3 +41,19 @@ def test_user_errors_are_one_line(capsys, extra, message):
     assert main([*ARGS, *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_float32_puts_ordinary_backprop_beside_streaming(capsys, monkeypatch):
+    assert main([*ARGS, "--tile", "16", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "float32 backprop" in out and "no worse than ordinary float32" in out
+    assert main([*ARGS, "--tile", "16", "--dtype", "float32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["reference"] == "float64" and r["ok"] is True
+    assert 0 < r["conventional_max_rel_err"] < 1e-4 and 0 < r["max_rel_err"] <= r["tolerance"]
+    assert r["tolerance"] == max(2 * r["conventional_max_rel_err"], 4 * 2**-23)
+    assert "conventional_max_rel" in r["groups"]["layer1.weight"]
+    # streaming must be no worse than ordinary float32: with no slack allowed it fails
+    monkeypatch.setattr(check, "NO_WORSE", 0.0)
+    assert main([*ARGS, "--tile", "16", "--dtype", "float32", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["ok"] is False

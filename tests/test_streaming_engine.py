@@ -122,16 +122,29 @@ def test_forward_without_grad_matches():
     torch.testing.assert_close(out, trunk(x).detach(), rtol=1e-12, atol=1e-12)
 
 
+class _Custom(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x)
+
+
 def test_too_small_margin_gives_wrong_gradients_and_is_refused():
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Conv2d(3, 4, 5, padding=2), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2))
     measured = trunk_geometry(trunk, 3)
     shrink = AxisGeometry(1, measured.y.lo + 2, measured.y.hi - 2)
     small = TrunkGeometry(shrink, shrink)
-    errs = compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=small, verify_geometry=False)
+    unchecked = {"verify_geometry": False, "check_first_use": False}
+    errs = compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=small, **unchecked)
     assert errs["0.weight"] > 1e-3 and errs["output"] > 1e-3  # the comparison bites
     with pytest.raises(StreamingError, match="smaller than the trunk needs"):
         StreamingModule(trunk, 8, geometry=small)(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+    # the first-use check alone catches the same too-small margins (of a trunk it checks:
+    # one with a module outside torch.nn)
+    custom = _Custom(*trunk)
+    with pytest.raises(
+        StreamingError, match=r"test image the streamed .* is off ordinary backprop"
+    ):
+        StreamingModule(custom, 8, geometry=small, verify_geometry=False)(torch.randn(1, 3, 40, 40))
     assert max(compare(trunk, torch.randn(1, 3, 40, 40), 8, geometry=measured).values()) <= TOL
 
 

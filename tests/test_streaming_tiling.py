@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from slidestream.errors import StreamingError
+from slidestream.streaming.measure import probe_geometry
 from slidestream.streaming.tiling import (
     AxisGeometry,
     TrunkGeometry,
@@ -15,7 +16,6 @@ from slidestream.streaming.tiling import (
     output_size,
     plan_axis,
     plan_tiles,
-    probe_geometry,
 )
 
 torch.set_num_threads(1)

@@ -93,9 +93,11 @@ class SlideClassifier(nn.Module):
         pooling: str = "max",
         stages: Sequence[str] = (),
         channels_last: bool = False,
+        check_first_use: bool = True,
     ) -> None:
         super().__init__()
         self.trunk, self.pooling = trunk, pooling
+        self.check_first_use = check_first_use  # StreamingModule's first-use check
         self.fc = nn.Linear(channels, outputs)
         self.configure(tile_size, stages, channels_last)
 
@@ -109,6 +111,7 @@ class SlideClassifier(nn.Module):
             std=IMAGENET_STD,
             input_scale=1.0 / 255.0,
             channels_last=channels_last,
+            check_first_use=self.check_first_use,
         )
         stream: nn.Module = (
             StagedStreamingModule(self.trunk, tile_size, list(stages), **kw)
@@ -138,7 +141,11 @@ class SlideClassifier(nn.Module):
 
 
 def build_slide_model(
-    spec: SlideSpec, weights: str | None = None, *, channels_last: bool = False
+    spec: SlideSpec,
+    weights: str | None = None,
+    *,
+    channels_last: bool = False,
+    check_first_use: bool = True,
 ) -> SlideClassifier:
     """The model of ``spec``; ``weights`` (file, torchvision name, ``timm/…``) fill the trunk.
 
@@ -163,6 +170,7 @@ def build_slide_model(
         pooling=spec.pooling,
         stages=spec.stages,
         channels_last=channels_last,
+        check_first_use=check_first_use,
     )
 
 

@@ -11,13 +11,13 @@ from slidestream.streaming.engine import (
     check_streamable,
     trunk_geometry,
 )
+from slidestream.streaming.measure import probe_geometry
 from slidestream.streaming.staged import StagedStreamingModule
 from slidestream.streaming.tiling import (
     AxisGeometry,
     TilePlan,
     TrunkGeometry,
     plan_tiles,
-    probe_geometry,
 )
 
 __all__ = [

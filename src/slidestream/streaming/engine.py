@@ -24,17 +24,17 @@ import torch
 from torch import nn
 
 from slidestream.errors import StreamingError
+from slidestream.streaming.measure import check_streamable, probe_geometry
 from slidestream.streaming.memory import fix_mmap_threshold, trim_heap
 from slidestream.streaming.tiling import (
     Tile,
     TilePlan,
     TrunkGeometry,
-    check_streamable,
     normalize_tile_size,
     output_size,
     plan_tiles,
-    probe_geometry,
 )
+from slidestream.streaming.verify import verify_first_use
 
 __all__ = ["StreamingModule", "check_streamable", "trunk_geometry"]
 
@@ -98,6 +98,11 @@ class StreamingModule(nn.Module):
         geometry: dependency bounds to use instead of measuring them.
         verify_geometry: when ``geometry`` is given, measure anyway and refuse bounds that are
             too small (set False only to demonstrate what too small a margin does).
+        check_first_use: for a trunk with a module outside ``torch.nn`` and the known
+            torchvision blocks (``verify.KNOWN_BLOCKS``), before its first use with a given
+            geometry and tile phase, stream one float64 step of a copy on a small test image
+            and refuse the trunk when it differs from ordinary backprop (see :mod:`.verify`;
+            cached per trunk). ``False`` skips it.
         release_memory: on CPU, return freed heap pages to the OS after each tile (glibc
             ``malloc_trim``) and fix glibc's mmap threshold at 4 MiB for the process (once;
             skipped when ``MALLOC_MMAP_THRESHOLD_`` is set in the environment); without it
@@ -118,6 +123,7 @@ class StreamingModule(nn.Module):
         geometry: TrunkGeometry | None = None,
         verify_geometry: bool = True,
         release_memory: bool = True,
+        check_first_use: bool = True,
     ) -> None:
         super().__init__()
         if (mean is None) != (std is None):
@@ -134,6 +140,7 @@ class StreamingModule(nn.Module):
         self._geometry = geometry
         self._verify = verify_geometry
         self.release_memory = release_memory
+        self.check_first_use = check_first_use
         self._out_sizes: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.last_stats: dict = {}
 
@@ -156,6 +163,9 @@ class StreamingModule(nn.Module):
         """The tile plan for an image of ``hw`` (h, w) input px."""
         geom = self.geometry(in_channels)
         tile = normalize_tile_size(self.tile_size, (geom.y.stride, geom.x.stride))
+        if self.check_first_use:
+            with torch.autocast(self._device().type, enabled=False):
+                verify_first_use(self.trunk, in_channels, geom, tile, _checker)
         key = (in_channels, *hw)
         if key not in self._out_sizes:
             self._out_sizes[key] = output_size(self.trunk, in_channels, hw)
@@ -262,6 +272,12 @@ class StreamingModule(nn.Module):
         return f"tile_size={self.tile_size}, background={self.background}"
 
 
+def _checker(trunk: nn.Module, tile: tuple[int, int], geom: TrunkGeometry) -> StreamingModule:
+    """The tiling under test in the first-use check, around a float64 copy of the trunk."""
+    kw = {"verify_geometry": False, "release_memory": False, "check_first_use": False}
+    return StreamingModule(trunk, tile, geometry=geom, **kw)
+
+
 def _place(dst: torch.Tensor, src: torch.Tensor, tile: Tile) -> None:
     """Copy a tile's core from its crop output ``src`` into the full map ``dst``."""
     ty, tx = tile.y, tile.x
@@ -272,12 +288,25 @@ def _place(dst: torch.Tensor, src: torch.Tensor, tile: Tile) -> None:
     ]
 
 
+def _run_crop(mod: StreamingModule, crop: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """``trunk(crop)``; a trunk that rejects the crop's size raises a one-line StreamingError."""
+    try:
+        return mod.trunk(crop)
+    except RuntimeError as exc:
+        (h, w), ty, tx = tile.crop_shape, tile.y, tile.x
+        raise StreamingError(
+            f"cannot stream the trunk: it fails on the {w}x{h} px crop at x={tx.in_start}, "
+            f"y={ty.in_start} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it needs input sizes that crops do not keep (e.g. multiples of a factor)"
+        ) from exc
+
+
 def _forward_tiles(run: _Run, x: torch.Tensor) -> torch.Tensor:
     mod, out = run.module, None
     for group in run.groups:
         rep = group.tiles[0]
         mask = None if run.mask is None else mod._crop(run.mask, rep)
-        y = mod.trunk(mod._prepare(mod._crop(x, rep), mask))
+        y = _run_crop(mod, mod._prepare(mod._crop(x, rep), mask), rep)
         if out is None:
             fmt = torch.channels_last if mod.channels_last else torch.contiguous_format
             shape = (y.shape[0], y.shape[1], *run.plan.out_size)
@@ -300,7 +329,7 @@ def _backward_group(
     mask = None if run.mask is None else mod._crop(run.mask, rep)
     dev, enabled, dtype = run.autocast
     with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-        y = mod.trunk(mod._prepare(leaf, mask))
+        y = _run_crop(mod, mod._prepare(leaf, mask), rep)
     g = torch.zeros_like(y)
     for tile in tiles:
         ty, tx = tile.y, tile.x

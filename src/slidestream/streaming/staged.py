@@ -35,7 +35,11 @@ class StagedStreamingModule(nn.Module):
                 f"split_after must name children of the trunk {names[:-1]}, got {bad}"
             )
         cuts = [0, *sorted(names.index(s) + 1 for s in split_after), len(names)]
-        later = {k: v for k, v in kwargs.items() if k in ("channels_last", "release_memory")}
+        later = {
+            k: v
+            for k, v in kwargs.items()
+            if k in ("channels_last", "release_memory", "check_first_use")
+        }
         self.tile_size = tile_size
         self.stages = nn.ModuleList(
             StreamingModule(trunk[a:b], tile_size, **(kwargs if i == 0 else later))

@@ -6,9 +6,10 @@ where ``lo <= 0 <= hi`` for usual trunks; the receptive field is ``hi - lo + 1``
 
 A tile owns an aligned block of output positions (its *core*); it is computed from the input
 *crop* that covers the core's dependencies, clipped to the image. A crop that does not start
-at the image's first pixel starts at a multiple of ``S``, so every layer of the trunk sees the
-crop on the same grid as the full image, and a crop that reaches an image edge is padded by
-the trunk's own layers exactly as the full image is. All functions here are pure and cached.
+at the image's first pixel starts at a multiple of ``align`` (a multiple of ``S`` that is also
+a multiple of every inner layer's stride, so every layer of the trunk sees the crop on the same
+phase grid as the full image), and a crop that reaches an image edge is padded by the trunk's
+own layers exactly as the full image is. All functions here are pure and cached.
 """
 
 from __future__ import annotations
@@ -40,17 +41,29 @@ class AxisGeometry:
     """Dependency geometry of a trunk along one axis (all values in input px).
 
     Output position ``o`` depends only on input pixels ``[o*stride + lo, o*stride + hi]``.
+    Crops that do not start at the image edge start on a multiple of ``align`` (0: the
+    stride); crops that do not end at the image edge have a length that is a multiple of
+    ``size_multiple`` (e.g. a ``PixelUnshuffle`` needs even lengths).
     """
 
     stride: int
     lo: int
     hi: int
+    align: int = 0
+    size_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.stride < 1:
             raise StreamingError(f"stride must be >= 1, got {self.stride}")
         if self.hi < self.lo:
             raise StreamingError(f"hi must be >= lo, got lo={self.lo}, hi={self.hi}")
+        if self.align == 0:
+            object.__setattr__(self, "align", self.stride)
+        if self.align % self.stride or self.size_multiple < 1:
+            raise StreamingError(
+                f"align must be a multiple of the stride {self.stride} and size_multiple "
+                f"positive, got align={self.align}, size_multiple={self.size_multiple}"
+            )
 
     @property
     def receptive_field(self) -> int:
@@ -58,8 +71,15 @@ class AxisGeometry:
         return self.hi - self.lo + 1
 
     def covers(self, other: AxisGeometry) -> bool:
-        """True when these bounds include every dependency of ``other`` (same stride)."""
-        return self.stride == other.stride and self.lo <= other.lo and self.hi >= other.hi
+        """True when these bounds include every dependency of ``other`` (same stride) and
+        keep its phase grid and crop-length rule."""
+        return (
+            self.stride == other.stride
+            and self.lo <= other.lo
+            and self.hi >= other.hi
+            and self.align % other.align == 0
+            and self.size_multiple % other.size_multiple == 0
+        )
 
 
 @dataclass(frozen=True)
@@ -169,9 +189,10 @@ def plan_axis(geom: AxisGeometry, size: int, out_size: int, tile: int) -> tuple[
     """Tiles along one axis of ``size`` input px whose full output has ``out_size`` px.
 
     ``tile`` (input px, a multiple of the stride) is the core each tile owns; crops add the
-    dependency margins, start at a multiple of the stride (or 0) and are clipped to the image.
+    dependency margins, start at a multiple of ``geom.align`` (or 0), have a length that is a
+    multiple of ``geom.size_multiple`` (or end at the image edge) and are clipped to the image.
     """
-    s = geom.stride
+    s, al, m = geom.stride, geom.align, geom.size_multiple
     if tile % s:
         raise StreamingError(f"tile_size must be a multiple of {s}, got {tile}")
     if out_size < 1:
@@ -180,8 +201,10 @@ def plan_axis(geom: AxisGeometry, size: int, out_size: int, tile: int) -> tuple[
     tiles = []
     for o0 in range(0, out_size, step):
         o1 = min(o0 + step, out_size)
-        a = max(0, (o0 * s + geom.lo) // s * s)  # floored to a multiple of the stride
+        a = max(0, (o0 * s + geom.lo) // al * al)  # floored onto the phase grid
         b = min(size, (o1 - 1) * s + geom.hi + 1)
+        if b < size and (b - a) % m:
+            b = min(size, a + -(-(b - a) // m) * m)
         if b <= a:
             raise StreamingError(f"empty crop for output rows {o0}:{o1} of an image of {size} px")
         tiles.append(AxisTile(o0, o1, a, b, o0 - a // s))
@@ -198,10 +221,7 @@ def plan_tiles(
     return TilePlan(rows, cols, tuple(in_size), tuple(out_size))
 
 
-# --- measuring a trunk -----------------------------------------------------------------------
-
-_STRIDE_DELTA = 2**10 * 3**2 * 5 * 7  # input px; every stride dividing it is found exactly
-_PROBE_MAX = 8192  # input px; a trunk whose dependencies do not fit is treated as non-local
+# --- sizes on the meta device ----------------------------------------------------------
 
 
 def output_size(trunk: nn.Module, in_channels: int, hw: tuple[int, int]) -> tuple[int, int]:
@@ -240,159 +260,3 @@ def _device(trunk: nn.Module) -> torch.device:
     for p in trunk.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def measure_strides(trunk: nn.Module, in_channels: int) -> tuple[int, int]:
-    """Output stride (y, x) in input px per output px, from output sizes on the meta device."""
-    base = 4096
-    n1 = output_size(trunk, in_channels, (base, base))
-    n2 = output_size(trunk, in_channels, (base + _STRIDE_DELTA, base + _STRIDE_DELTA))
-    strides = []
-    for a, b in zip(n1, n2, strict=True):
-        if b <= a:
-            raise StreamingError(
-                f"the trunk is not spatially local: its output size does not grow with the input; "
-                f"{find_spreader(trunk, in_channels)} pools over the whole image; move it to the head"
-            )
-        if _STRIDE_DELTA % (b - a):
-            raise StreamingError(
-                "the trunk's output size does not shrink by an integer stride "
-                f"({a} -> {b} outputs for {_STRIDE_DELTA} more input px); upsampling cannot be streamed"
-            )
-        strides.append(_STRIDE_DELTA // (b - a))
-    return strides[0], strides[1]
-
-
-def _min_side(trunk: nn.Module, in_channels: int, axis: int, stride: int) -> int:
-    """Smallest multiple of ``stride`` px along ``axis`` that gives a non-empty output."""
-    for k in range(1, 65):
-        hw = (4096, k * stride) if axis == 1 else (k * stride, 4096)
-        try:
-            if output_size(trunk, in_channels, hw)[axis] >= 1:
-                return k * stride
-        except StreamingError:
-            continue
-    raise StreamingError("could not find an input size the trunk accepts")
-
-
-def _probe_axis(
-    trunk: nn.Module, in_channels: int, axis: int, stride: int, cross: int
-) -> AxisGeometry | None:
-    """Measure (lo, hi) along ``axis`` (0 = y, 1 = x) with a band of NaN rows or columns."""
-    dtype, device = _float_dtype(trunk), _device(trunk)
-    n = max(256, 16 * stride)
-    while n <= _PROBE_MAX:
-        n = -(-n // stride) * stride
-        hw = (n, cross) if axis == 0 else (cross, n)
-        x = torch.zeros(1, in_channels, *hw, dtype=dtype, device=device)
-        band = (n // 2 // stride) * stride
-        x.narrow(2 + axis, band, stride).fill_(float("nan"))
-        with torch.no_grad():
-            out = trunk(x)
-        hit = out.isnan().transpose(0, 2 + axis).reshape(out.shape[2 + axis], -1).any(dim=1)
-        idx = hit.nonzero().flatten().tolist()
-        if not idx:
-            raise StreamingError("the trunk's output does not depend on its input (probe)")
-        first, last, m = idx[0], idx[-1], hit.numel()
-        lo, hi = axis_bounds_from_probe(stride, band, first, last)
-        inside = first * stride + lo >= stride and last * stride + hi + stride < n
-        if first > 0 and last < m - 1 and inside:
-            return AxisGeometry(stride, lo, hi)
-        n *= 2
-    return None
-
-
-def find_spreader(trunk: nn.Module, in_channels: int) -> str:
-    """Name the first module whose output mixes a single NaN pixel into every position."""
-    dtype, device = _float_dtype(trunk), _device(trunk)
-    found: list[str] = []
-    hooks = []
-    for name, mod in trunk.named_modules():
-        if next(mod.children(), None) is not None:
-            continue
-
-        def hook(m, inp, out, name=name):
-            if found or not isinstance(out, torch.Tensor) or out.dim() < 3:
-                return
-            if out.numel() > 1 and bool(out.isnan().all()):
-                found.append(f"{name!r} ({type(m).__name__})")
-
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        x = torch.zeros(1, in_channels, 512, 512, dtype=dtype, device=device)
-        x[:, :, 256, 256] = float("nan")
-        with torch.no_grad():
-            trunk(x)
-    except Exception:  # noqa: BLE001 - only used to improve an error message
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return found[0] if found else "an operation outside named modules"
-
-
-_ALWAYS_REFUSED: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.GroupNorm, "GroupNorm normalises over the whole image; use BatchNorm in eval mode"),
-    (nn.AdaptiveAvgPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
-    (nn.AdaptiveMaxPool2d, "adaptive/global pooling sees the whole image; move it to the head"),
-    (nn.MultiheadAttention, "attention mixes all positions; move it to the head"),
-    (
-        nn.Flatten,
-        "a flattened map (e.g. for a Linear layer) is not spatially local; move it to the head",
-    ),
-    (nn.Unflatten, "reshaping a map is not spatially local; move it to the head"),
-)
-
-
-def _refusal(mod: nn.Module) -> str | None:
-    """Why ``mod`` cannot be streamed exactly, or None."""
-    for cls, why in _ALWAYS_REFUSED:
-        if isinstance(mod, cls):
-            return why
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
-        mod.training or mod.running_mean is None
-    ):
-        return "batch statistics span the whole image; call .eval() on it (affine stays trainable)"
-    if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and (
-        mod.training or mod.running_mean is None
-    ):
-        return "instance statistics span the whole image; use running statistics in eval mode"
-    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
-        return "LayerNorm over more than the channel axis spans the image"
-    if "Attention" in type(mod).__name__:
-        return "attention mixes all positions; move it to the head"
-    dropout = isinstance(mod, nn.modules.dropout._DropoutNd) or type(mod).__name__ in (
-        "StochasticDepth",
-        "DropPath",
-    )
-    if dropout and mod.training and float(getattr(mod, "p", getattr(mod, "drop_prob", 0.0))) > 0:
-        return "dropout in training mode draws a different mask per tile; call .eval() on it"
-    return None
-
-
-def check_streamable(trunk: nn.Module) -> None:
-    """Raise :class:`StreamingError` naming the first module that is not spatially local."""
-    for name, mod in trunk.named_modules():
-        why = _refusal(mod)
-        if why:
-            raise StreamingError(f"cannot stream module {name!r} ({type(mod).__name__}): {why}")
-
-
-def probe_geometry(trunk: nn.Module, in_channels: int) -> TrunkGeometry:
-    """Measure a trunk's stride and dependency bounds on both axes (input px).
-
-    NaN propagates through every arithmetic op regardless of weights, so the set of outputs a
-    band of NaN input rows reaches is the trunk's structural dependency, independent of the
-    weights, of dead ReLUs and of max-pool choices. Bounds are conservative by < stride px.
-    """
-    check_streamable(trunk)
-    sy, sx = measure_strides(trunk, in_channels)
-    y = _probe_axis(trunk, in_channels, 0, sy, _min_side(trunk, in_channels, 1, sx))
-    x = _probe_axis(trunk, in_channels, 1, sx, _min_side(trunk, in_channels, 0, sy)) if y else None
-    if y is None or x is None:
-        raise StreamingError(
-            f"the trunk is not spatially local: {find_spreader(trunk, in_channels)} lets one "
-            f"pixel influence outputs more than {_PROBE_MAX // 2} px away; stream only the "
-            "convolutional part and run pooling/attention in the head"
-        )
-    return TrunkGeometry(y, x)

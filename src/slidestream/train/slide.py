@@ -157,7 +157,12 @@ class SlideTask(Task):
     def setup(self, device: torch.device, rank: int, world: int, channels_last: bool) -> None:
         cfg, cuda = self.cfg, device.type == "cuda"
         self.device, self.rank, self.world = device, rank, world
-        self.model = build_slide_model(self.spec, cfg.weights, channels_last=channels_last)
+        self.model = build_slide_model(
+            self.spec,
+            cfg.weights,
+            channels_last=channels_last,
+            check_first_use=cfg.check_streaming,
+        )
         self.model.to(device)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -37,6 +37,7 @@ class SlideTrainConfig:
     trunk_lr_factor: float = 0.1  # trunk lr = lr × this once unfrozen (with unfreeze_epoch)
     amp: bool | None = None  # mixed precision; none: on for CUDA (bf16, or fp16 + GradScaler)
     channels_last: bool | None = None  # channels-last trunk and crops; none: on for CUDA
+    check_streaming: bool = True  # first-use check of trunks with non-torch.nn modules
     epoch_multiply: int = 1  # passes over the training slides per epoch
     train_set_size: int | None = None  # use only the first N training slides
     val_interval: int = 1  # validate every N epochs
