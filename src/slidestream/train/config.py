@@ -14,8 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from slidestream.errors import ConfigError
 
 __all__ = ["add_config_flags", "load_config", "save_config", "config_dict"]
@@ -82,6 +80,8 @@ def load_config(
     overrides: dict[str, Any] | None = None,
 ) -> T:
     """Defaults ← YAML file ← overrides, checked against the dataclass fields."""
+    import yaml  # here, not at the top: the CLI builds its parser from this module
+
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -113,6 +113,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    import yaml
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
