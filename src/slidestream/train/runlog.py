@@ -5,6 +5,11 @@ best), ``last.pt``, ``metrics.csv``, ``summary.json``, ``curves.png`` and Tensor
 file is replaced atomically (temporary file, then rename), and ``last.pt`` holds the history,
 the best metric and the best epoch: after a kill at any point, the next start rewrites
 ``metrics.csv`` and ``summary.json`` from ``last.pt``, so all four agree.
+
+``last.pt`` alone carries the training state (optimizer, scheduler, GradScaler, RNG, history)
+that resume needs; ``best.pt`` (and the ``epochNNN.pt`` kept for weight averaging) hold the
+weights, the model spec, the epoch's ``metrics`` and the best-epoch fields only: a third of
+``last.pt`` under AdamW, whose state is twice the weights.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from typing import Any
 from slidestream.errors import ConfigError
 from slidestream.models.checkpoint import clean_stale_temps, save_checkpoint
 
-__all__ = ["BestRule", "RunLog", "check_fingerprint", "file_digest", "run_dir"]
+__all__ = ["TRAINING_STATE", "BestRule", "RunLog", "check_fingerprint", "file_digest", "run_dir"]
+
+# checkpoint keys only resuming needs: kept in last.pt, left out of best.pt and epochNNN.pt
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng_state", "history")
 
 log = logging.getLogger(__name__)
 
@@ -182,11 +190,13 @@ class RunLog:
         if is_best:
             self.best, self.best_epoch, self.best_name = value, int(row["epoch"]), metric
         ckpt = {**state(), **self.loop_state()}
+        model = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+        model["metrics"] = {k: v for k, v in row.items() if isinstance(v, float | int)}
         if is_best:
-            save_checkpoint(self.run / "best.pt", ckpt)
+            save_checkpoint(self.run / "best.pt", model)
         save_checkpoint(self.run / "last.pt", ckpt)
         if keep_epoch:
-            save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", ckpt)
+            save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", model)
         self._write_tables(summary)
         self._pictures(row, evaluation, final)
         if self.on_epoch is not None:
