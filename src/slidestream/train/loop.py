@@ -123,7 +123,7 @@ class _Loop:
         if not self.task.has_validation() and self.rank == 0 and self.epoch < self.s.epochs:
             log.warning(
                 "no validation data: metrics are training metrics only, and best.pt is the "
-                "epoch with the lowest train_loss (pass val_data, or a split column with val)"
+                "epoch with the lowest train_loss (pass --val-data, or a split column with val)"
             )
         for epoch in range(self.epoch, self.s.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}

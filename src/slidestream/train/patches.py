@@ -67,13 +67,14 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
             raise ConfigError(f"{val_path} has classes {val.classes}, {cfg.data} {train.classes}")
         if not train.classes:
             raise ConfigError(
-                f"{cfg.data} has no classes: build it from a cohort CSV with a "
-                f"label column, --labels annotations, or --tiles class folders"
+                f"{cfg.data} has no classes: build it with slidestream patches from a cohort "
+                f"CSV with a label column, --labels annotations, or --tiles class folders"
             )
         if not len(train):
             raise NoPatchesError(
-                f"{cfg.data} holds no patches: rebuild it (slidestream patches names the slides "
-                f"that gave none), e.g. with a lower --min-tissue, after checking tissue masks"
+                f"{cfg.data} holds no patches: rebuild it with slidestream patches --min-tissue "
+                f"set lower, after checking the tissue masks (it names the slides that gave "
+                f"none)"
             )
         counts = [train.class_counts.get(c, 0) for c in train.classes]
         return _Data(
