@@ -80,6 +80,7 @@ class _Loop:
         self.sched = task.make_scheduler(self.opt, task.steps_per_epoch())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.epoch = 0
+        self.step_lr = float(self.opt.param_groups[0]["lr"])
         self.log = RunLog(self.run, BestRule(s.best_metric), on_epoch if self.rank == 0 else None)
 
     # --- resume ------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class _Loop:
         )
         return {
             "train_loss": total / max(images, 1),
-            "lr": float(self.opt.param_groups[0]["lr"]),
+            "lr": self.step_lr,  # of the epoch's last step (first parameter group)
             "images": int(images),
             "images_per_s": images / max(wall, 1e-9) / 1,
             "data_wait_s": wait / self.world,
@@ -235,6 +236,7 @@ class _Loop:
         all_reduce_grads(self.task.model, self.world)
         self.scaler.step(self.opt)
         self.scaler.update()
+        self.step_lr = float(self.opt.param_groups[0]["lr"])
         if self.sched is not None:
             self.sched.step()
         if self.device.type == "cuda":

@@ -9,7 +9,6 @@ matrix image, ``val_grid_epoch<N>.png`` (validation patches with true/predicted 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,14 +155,6 @@ class PatchTask(Task):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "lr": self.cfg.lr}]
-
-    def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-        total = steps_per_epoch * self.cfg.epochs
-        if self.cfg.schedule != "cosine":
-            return None
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
 
     def start_epoch(self, epoch: int) -> None:
         """Each epoch starts a new pass, shuffled by (seed, epoch): a resumed run sees the

@@ -1,0 +1,107 @@
+"""Learning-rate schedules with linear warm-up, the same for every trainer (issue #22 item 8)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+import slidestream as ss
+from slidestream.infer.features import FeatureExtractor, extract_cohort
+from slidestream.sampling import load_cohort
+from slidestream.synthetic import write_synthetic_slide
+from slidestream.train.mil import MILTask, train_mil
+from slidestream.train.mil_config import MILTrainConfig
+from slidestream.train.patch_config import PatchTrainConfig
+from slidestream.train.patches import PatchTask
+from slidestream.train.schedule import lr_factor
+from slidestream.train.slide import SlideTask
+from slidestream.train.slide_config import SlideTrainConfig
+from slidestream.train.task import Task
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule():
+    total, warm = 100, 10
+    ramp = [lr_factor(s, total, warm, "cosine") for s in range(warm)]
+    assert ramp == pytest.approx([(s + 1) / warm for s in range(warm)])
+    cos = [lr_factor(s, total, warm, "cosine") for s in range(warm, total)]
+    assert cos[0] == 1.0 and all(a > b for a, b in zip(cos, cos[1:], strict=False))
+    assert cos[45] == pytest.approx(0.5) and cos[-1] < 1e-3  # half-way; nearly 0 at the end
+    steps = [lr_factor(s, total, warm, "step") for s in range(warm, total)]
+    assert steps[:45] == [1.0] * 45 and steps[45:68] == [pytest.approx(0.1)] * 23
+    assert steps[68:] == [pytest.approx(0.01)] * 22
+    assert {lr_factor(s, total, warm, "constant") for s in range(warm, total)} == {1.0}
+    assert lr_factor(5, 10, 0, "none") == 1.0  # the patch trainer's older name
+    with pytest.raises(ss.ConfigError, match="schedule must be one of"):
+        SlideTrainConfig(data="x.csv", schedule="linear")
+    with pytest.raises(ss.ConfigError, match="warmup_epochs"):
+        MILTrainConfig(data="x.csv", features="f", epochs=2, warmup_epochs=3)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PatchTrainConfig(data="db.h5", epochs=4, lr=0.1, schedule="step", warmup_epochs=1),
+        SlideTrainConfig(data="p.csv", epochs=4, lr=0.1, schedule="cosine", warmup_epochs=1),
+        MILTrainConfig(data="c.csv", features="f", epochs=4, lr=0.1, schedule="cosine"),
+    ],
+    ids=["patches", "slides", "mil"],
+)
+def test_every_trainer_steps_the_one_schedule(cfg):
+    """Patch, streamed-slide and MIL tasks share Task.make_scheduler: the LR a real
+    optimizer sees at each step is base lr × lr_factor."""
+    for cls in (PatchTask, SlideTask, MILTask):
+        assert cls.make_scheduler is Task.make_scheduler, cls
+    task = object.__new__(MILTask)
+    task.cfg = cfg
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = task.make_scheduler(opt, steps_per_epoch=5)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warm = round(cfg.warmup_epochs * 5)
+    assert seen == pytest.approx([0.1 * lr_factor(s, 20, warm, cfg.schedule) for s in range(20)])
+    assert seen[0] < seen[warm] == pytest.approx(0.1) if warm else seen[0] == 0.1
+
+
+def test_constant_without_warmup_has_no_scheduler():
+    task = object.__new__(MILTask)
+    task.cfg = MILTrainConfig(data="c.csv", features="f")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert task.make_scheduler(opt, 5) is None
+
+
+def test_mil_run_records_the_lr_curve_in_metrics_csv(tmp_path):
+    """train-mil with cosine and one warm-up epoch: metrics.csv's lr column is the lr of each
+    epoch's last step, warm-up then cosine."""
+    rows = []
+    for i in range(6):
+        p = write_synthetic_slide(tmp_path / f"s{i}.tiff", 512, 512, mpp=1.0, seed=900 + i)
+        rows.append(f"{p},{'tumour' if i % 2 else 'normal'},p{i},{'val' if i >= 4 else 'train'}")
+    (tmp_path / "c.csv").write_text("slide,label,patient,split\n" + "\n".join(rows) + "\n")
+    ex = FeatureExtractor("mean_rgb", mpp=2.0, size=32, workers=0, device="cpu")
+    assert not extract_cohort(load_cohort(tmp_path / "c.csv"), tmp_path / "f", ex).failed
+    cfg = MILTrainConfig(
+        data=str(tmp_path / "c.csv"),
+        features=str(tmp_path / "f"),
+        epochs=4,
+        lr=1e-3,
+        hidden=16,
+        schedule="cosine",
+        warmup_epochs=1,
+        out=str(tmp_path / "runs"),
+        name="cos",
+        device="cpu",
+    )
+    run = train_mil(cfg)
+    got = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    steps = 4  # four training bags, one per step
+    want = [1e-3 * lr_factor(e * steps + steps - 1, 4 * steps, steps, "cosine") for e in range(4)]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got[0] == pytest.approx(1e-3) and got[1] == pytest.approx(
+        1e-3 * (1 + math.cos(math.pi * 3 / 12)) / 2  # step 7: (7 - 4) / (16 - 4)
+    )
