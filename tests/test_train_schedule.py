@@ -77,7 +77,7 @@ def test_constant_without_warmup_has_no_scheduler():
 
 def test_mil_run_records_the_lr_curve_in_metrics_csv(tmp_path):
     """train-mil with cosine and one warm-up epoch: metrics.csv's lr column is the lr of each
-    epoch's last step, warm-up then cosine."""
+    epoch's last step, warm-up then cosine; MIL counts bags, not images."""
     rows = []
     for i in range(6):
         p = write_synthetic_slide(tmp_path / f"s{i}.tiff", 512, 512, mpp=1.0, seed=900 + i)
@@ -98,7 +98,10 @@ def test_mil_run_records_the_lr_curve_in_metrics_csv(tmp_path):
         device="cpu",
     )
     run = train_mil(cfg)
-    got = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert rows[0]["bags"] == "4" and float(rows[0]["bags_per_s"]) > 0  # MIL counts bags
+    assert "images" not in rows[0] and "images_per_s" not in rows[0]
+    got = [float(r["lr"]) for r in rows]
     steps = 4  # four training bags, one per step
     want = [1e-3 * lr_factor(e * steps + steps - 1, 4 * steps, steps, "cosine") for e in range(4)]
     assert got == pytest.approx(want, rel=1e-6)

@@ -181,7 +181,7 @@ class _Loop:
             bar.update(1)
             bar.set_postfix(
                 loss=f"{total / max(images, 1):.4f}",
-                img_s=f"{images / max(wait + compute, 1e-9):.1f}",
+                **{f"{task.unit}_s": f"{images / max(wait + compute, 1e-9):.1f}"},
                 wait=f"{wait / max(wait + compute, 1e-9):.0%}",
             )
         bar.close()
@@ -194,11 +194,12 @@ class _Loop:
             if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         )
+        unit = task.unit  # images, or bags for MIL
         return {
             "train_loss": total / max(images, 1),
             "lr": self.step_lr,  # of the epoch's last step (first parameter group)
-            "images": int(images),
-            "images_per_s": images / max(wall, 1e-9) / 1,
+            unit: int(images),
+            f"{unit}_per_s": images / max(wall, 1e-9),
             "data_wait_s": wait / self.world,
             "step_s": compute / self.world,
             "time_s": wall,

@@ -95,6 +95,7 @@ class MILTask(Task):
     """MIL on feature files (``slidestream train-mil``)."""
 
     kind = "mil"
+    unit = "bags"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()

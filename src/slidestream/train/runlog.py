@@ -236,7 +236,7 @@ class RunLog:
         from slidestream import charts
 
         keys = ["train_loss", f"val_{self.rule.name}", "val_loss", "lr", "images_per_s"]
-        keys += ["data_wait_s"]
+        keys += ["bags_per_s", "data_wait_s"]
         figures = {"curves": charts.curves_figure(self.history, list(dict.fromkeys(keys)))}
         if evaluation:
             y, probs, classes = evaluation["y"], evaluation["probs"], evaluation["classes"]

@@ -52,6 +52,7 @@ class Task(ABC):
     """
 
     kind: str = ""
+    unit: str = "images"  # what a training item is, in metrics.csv and the console (MIL: bags)
     cfg: Any  # the trainer's config dataclass
     model: nn.Module
     classes: list[str]
