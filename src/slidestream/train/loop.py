@@ -24,6 +24,7 @@ from slidestream.colors import write_colors
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.models.checkpoint import load_checkpoint
+from slidestream.train.config import write_run_config
 from slidestream.train.ddp import all_reduce_grads, barrier, distributed, sum_values
 from slidestream.train.runlog import BestRule, RunLog, check_fingerprint
 from slidestream.train.task import Settings, Task
@@ -75,6 +76,7 @@ class _Loop:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: fastest kernels, found once
         torch.manual_seed(s.seed)
+        task.run = self.run  # fingerprints record paths relative to it
         task.setup(self.device, self.rank, self.world, channels_last)
         self.opt = task.make_optimizer(task.param_groups())
         self.sched = task.make_scheduler(self.opt, task.steps_per_epoch())
@@ -264,7 +266,7 @@ class _Loop:
         }
 
     def summary(self) -> dict[str, Any]:
-        return {"skipped_slides": dict(self.task.skipped), "run": str(self.run)}
+        return {"skipped_slides": dict(self.task.skipped), "run": self.run.name}
 
 
 def fit(
@@ -281,10 +283,7 @@ def fit(
     try:
         loop.resume()
         if loop.rank == 0:  # after the resume check: a refused run leaves the folder alone
-            import yaml
-
-            config = task.state().get("config", {})
-            (loop.run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_run_config(loop.run, task.state().get("config", {}))
             write_colors(loop.run, task.classes)
         loop.fit()
     finally:

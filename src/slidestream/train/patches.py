@@ -30,7 +30,7 @@ from slidestream.train.config import config_dict
 from slidestream.train.loop import fit, settings_of
 from slidestream.train.metrics import classification_metrics
 from slidestream.train.patch_config import PatchTrainConfig
-from slidestream.train.runlog import file_digest, run_dir
+from slidestream.train.runlog import file_digest, portable_path, run_dir
 from slidestream.train.task import Task
 
 __all__ = ["PatchTask", "PatchTrainConfig", "train_patches"]
@@ -250,7 +250,7 @@ class PatchTask(Task):
             "task": "multiclass",
             "patch_size": self.data.size,
             "mpp": self.data.mpp,
-            "data": f"{Path(self.cfg.data).resolve()} ({_data_identity(self.cfg.data)})",
+            "data": f"{portable_path(self.cfg.data, self.run)} ({_data_identity(self.cfg.data)})",
         }
 
 

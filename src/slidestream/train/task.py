@@ -52,6 +52,7 @@ class Task(ABC):
     """
 
     kind: str = ""
+    run: Any = None  # the run folder (a Path), set by the loop before setup
     unit: str = "images"  # what a training item is, in metrics.csv and the console (MIL: bags)
     cfg: Any  # the trainer's config dataclass
     model: nn.Module
