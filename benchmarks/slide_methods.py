@@ -98,7 +98,7 @@ def summary(run: Path, speed_key: str) -> dict:
         "val_auc": aucs[-1] if aucs else None,
         "best_val_auc": max(aucs) if aucs else None,
         "epochs": len(rows),
-        speed_key: sum(float(r["images_per_s"]) for r in rows) / max(len(rows), 1),
+        speed_key: sum(float(r[speed_key]) for r in rows) / max(len(rows), 1),
         "train_loop_s": sum(float(r["time_s"]) for r in rows),
     }
 

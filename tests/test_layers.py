@@ -12,6 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "slidestream"
 # rank of each top-level part; a module may import parts of lower or equal rank only
 RANK = {
     "_version": 0,
+    "_lazy": 0,
     "parallel": 0,
     "errors": 0,
     "types": 0,

@@ -341,3 +341,28 @@ def test_each_torchrun_rank_gets_its_own_gpu_and_cpu_ranks_use_gloo(monkeypatch)
     assert distributed(torch.device("cuda", 0), timeout_min=3) == (1, 2)
     assert backends == ["gloo", "nccl"]
     assert [t.total_seconds() for t in timeouts] == [600, 180]  # minutes, not half an hour
+
+
+def test_best_pt_holds_weights_and_spec_only(prepared, tmp_path, capsys):
+    """best.pt: weights, model spec, the epoch's metrics; the AdamW state, scheduler, RNG and
+    history live in last.pt only (issue #22 item 5). --only-eval reads best.pt by default."""
+    from slidestream.train.runlog import TRAINING_STATE
+
+    run = train_slides(_cfg(prepared, tmp_path, name="split"))
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert not set(TRAINING_STATE) & set(best)
+    assert {"optimizer", "rng_state", "history"} <= set(last)
+    assert last["optimizer"]["state"], "AdamW moments are in last.pt"
+    for key in ("kind", "model", "classes", "state_dict", "mpp", "tile_size", "config", "epoch"):
+        assert (
+            best[key] == last[key] if key != "state_dict" else best[key].keys() == last[key].keys()
+        )
+    assert best["metrics"]["epoch"] == 1 and best["metrics"]["train_loss"] > 0
+    assert best["best_epoch"] == 1
+    weights = sum(t.numel() * t.element_size() for t in best["state_dict"].values())
+    best_mb, last_mb = (run / "best.pt").stat().st_size, (run / "last.pt").stat().st_size
+    assert best_mb < 1.1 * weights + 200_000  # weights and a little metadata
+    assert last_mb > 2.5 * weights  # weights + AdamW's two moments
+    args = ["train", "--data", str(prepared), "--only-eval", str(prepared)]
+    code = main([*args, "--out", str(tmp_path), "--name", "split"])
+    assert code == 0 and "predictions" in capsys.readouterr().out

@@ -82,7 +82,8 @@ def make_cohort(out: Path, s: DemoSettings) -> Path:
         )
         split = "train" if i < s.slides * 0.6 else "val" if i < s.slides * 0.75 else "test"
         ann = _truth_geojson(path) if tumour else _truth_geojson(path, empty=True)
-        rows.append([str(path), "tumour" if tumour else "normal", f"patient{i:02d}", split, ann])
+        rel = [str(Path(p).relative_to(out)) for p in (path, ann)]  # the folder moves as one
+        rows.append([rel[0], "tumour" if tumour else "normal", f"patient{i:02d}", split, rel[1]])
     cohort = out / "cohort.csv"
     with open(cohort, "w", newline="") as f:
         w = csv.writer(f)
@@ -119,7 +120,7 @@ def run_demo(out: str | Path = "demo_out", fast: bool = False, workers: int = 2)
 
     torch.set_num_threads(1)
     s = DemoSettings.fast() if fast else DemoSettings()
-    out = Path(out).resolve()  # the CSVs written below hold absolute paths
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     _say(f"generating {s.slides} synthetic slides ({s.size}x{s.size} px, {s.mpp} µm/px)")

@@ -49,7 +49,10 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """Make this process exit when ``parent_pid`` is gone (pool initializer)."""
+    """Make this process exit when ``parent_pid`` is gone (pool initializer); on Ctrl-C
+    (SIGINT, sent to the whole process group) it exits at once and quietly, leaving the
+    parent to report the interrupt."""
+    signal.signal(signal.SIGINT, _exit_quietly)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
@@ -60,6 +63,10 @@ def die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
         target=_watch_parent, args=(parent_pid, interval), name="parent-watchdog", daemon=True
     )
     thread.start()
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
 
 
 def _watch_parent(parent_pid: int, interval: float) -> None:

@@ -33,6 +33,19 @@ _COMMANDS = (
     "check_streaming",
 )
 
+# what an interrupted command leaves behind, where every file it writes is replaced atomically
+_RESUME = "re-run the same command to continue"
+_AFTER_INTERRUPT = {
+    "features": f"finished feature files are kept, none half-written; {_RESUME}",
+    "patches": f"finished slides are kept in DB.h5.parts/, none half-written; {_RESUME}",
+    "prepare": f"finished slides are kept, none half-written; {_RESUME}",
+    "tissue": "masks and QC images written so far are whole",
+    "synth": "no half-written slide was left",
+    "train": f"last.pt holds the last finished epoch, no checkpoint is half-written; {_RESUME}",
+}
+_AFTER_INTERRUPT["train-patches"] = _AFTER_INTERRUPT["train-mil"] = _AFTER_INTERRUPT["train"]
+_FORK_HOOK: list[bool] = []
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -67,14 +80,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _workers_ignore_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except SlideStreamError as exc:
         print(f"slidestream {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("slidestream: interrupted", file=sys.stderr)
+        _close_progress_bars()
+        what = _AFTER_INTERRUPT.get(args.command)
+        print(
+            f"slidestream {args.command}: interrupted" + (f"; {what}" if what else ""),
+            file=sys.stderr,
+        )
         return 130
+
+
+def _workers_ignore_ctrl_c() -> None:
+    """Processes forked by a command (DataLoader workers) ignore SIGINT: Ctrl-C reaches the whole
+    process group, and the command stops its workers itself, without a traceback from each."""
+    if not _FORK_HOOK:
+        import os
+        import signal
+
+        os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        _FORK_HOOK.append(True)
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars so the interrupt line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import add_slide_options, error_line, positive_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shard", default=None, metavar="I/N", help="do every N-th slide from I")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    add_backend_option(p)
+    add_slide_options(p)
     p.set_defaults(func=run)
 
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.infer.features import FeatureExtractor, extract_cohort, parse_shard
     from slidestream.sampling import load_cohort
 
-    cohort = load_cohort(args.cohort)
+    cohort = load_cohort(args.cohort).with_slide_mpp(args.slide_mpp)
     for problem in cohort.problems:
         error_line("features", f"{problem} (skipped)")
     shard = parse_shard(args.shard)

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def process_slide(path: Path, args: dict[str, Any]) -> dict[str, Any]:
     """Detect, save and draw one slide; returns a summary row (errors as a string)."""
+    import os
+
     import numpy as np
     from PIL import Image
 
@@ -53,7 +55,10 @@ def process_slide(path: Path, args: dict[str, Any]) -> dict[str, Any]:
             out = Path(args["out"])
             mask.save(out / f"{args['stem']}.tissue.png", slide=str(path), backend=slide.backend)
             qc = qc_overlay(slide.thumbnail(args["qc_size"]), mask)
-            Image.fromarray(np.ascontiguousarray(qc)).save(out / f"{args['stem']}.qc.png")
+            qc_path = out / f"{args['stem']}.qc.png"
+            tmp = qc_path.with_name(f".{qc_path.name}.{os.getpid()}.tmp")
+            Image.fromarray(np.ascontiguousarray(qc)).save(tmp, format="PNG")
+            os.replace(tmp, qc_path)  # whole or not at all, even when Ctrl-C stops the worker
             row.update(backend=slide.backend, fraction=mask.fraction, mask_mpp=mask.mpp)
     except SlideStreamError as exc:
         row["error"] = " ".join(str(exc).split())

@@ -42,8 +42,9 @@ def print_epoch(row: dict) -> None:
     wait = row.get("data_wait_s", 0.0) / max(row.get("time_s", 0.0), 1e-9)
     parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.4f}"]
     parts += [f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")]
+    unit = "bags" if "bags_per_s" in row else "images"
     parts += [
-        f"{row.get('images_per_s', 0):.2f} images/s",
+        f"{row.get(f'{unit}_per_s', 0):.2f} {unit}/s",
         f"data wait {wait:.0%}",
         f"peak {row.get('peak_mem_gb', 0):.2f} GB",
         f"{row.get('time_s', 0):.0f} s",

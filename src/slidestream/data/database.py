@@ -156,7 +156,7 @@ def _classes(cohort: Cohort, labels: str) -> list[str]:
     for entry in cohort:
         if entry.annotations is None:
             raise ConfigError(
-                f"labels='annotations' needs an annotations column; {entry.path.name} has none"
+                f"--labels annotations needs an annotations column; {entry.path.name} has none"
             )
         names.update(load_annotations(entry.annotations).classes)
     return sorted(names)

@@ -51,7 +51,8 @@ _STYLE = (
     "body{font-family:sans-serif;margin:2em;max-width:1250px;color:#222}table{border-collapse:"
     "collapse;margin:1em 0;display:block;overflow-x:auto}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
     "img{max-width:100%}figure{display:inline-block;margin:0 1em 1em 0;max-width:31%;"
-    "vertical-align:top}figure.wide{max-width:100%;display:block}figcaption{font-size:85%;color:#555}.slides{display:grid;"
+    "vertical-align:top}.charts{display:grid;grid-template-columns:repeat(4,1fr);gap:10px;"
+    "margin-bottom:1em}.charts figure{max-width:100%;margin:0}figure.wide{max-width:100%;display:block}figcaption{font-size:85%;color:#555}.slides{display:grid;"
     "grid-template-columns:1fr 1.2fr 1fr;gap:10px;align-items:start}.ok{color:#080}"
     ".bad{color:#b00}.unknown{color:#777}small{color:#555}"
 )
@@ -141,14 +142,21 @@ def _run_section(root: Path, run: Path, img: Path) -> str:
             cells = "".join(f"<td>{_fmt(_num(r.get(k, '')))}</td>" for k in keys)
             parts.append(f"<tr>{cells}</tr>")
         parts.append("</table>")
-    captions = {
-        "curves.png": "training curves",
-        "roc.png": "validation ROC (last validated epoch)",
-        "confusion.png": "validation confusion matrix (last validated epoch)",
+    if (run / "curves.png").exists():
+        parts.append(_figure(run / "curves.png", img, root, "training curves", wide=True))
+    captions = {  # one row: the charts of the last validated epoch
+        "roc.png": "validation ROC",
+        "pr.png": "validation precision-recall",
+        "calibration.png": "validation calibration",
+        "confusion.png": "validation confusion matrix",
     }
-    for file, caption in captions.items():
-        if (run / file).exists():
-            parts.append(_figure(run / file, img, root, caption, wide=file == "curves.png"))
+    row = [
+        _figure(run / file, img, root, f"{caption} (last validated epoch)")
+        for file, caption in captions.items()
+        if (run / file).exists()
+    ]
+    if row:
+        parts.append(f"<div class='charts'>{''.join(row)}</div>")
     grids = sorted(run.glob("val_grid_epoch*.png"), key=lambda q: int(q.stem[14:] or 0))
     if grids:
         parts.append(_figure(grids[-1], img, root, "validation patches, true vs predicted class"))

@@ -84,10 +84,8 @@ def _labelled(pred_csv: Path) -> tuple[list[str], Any, list[str]] | None:
 
 
 def results_section(root: Path, preds: list[Path], img: Path, about: dict[str, Any]) -> str:
-    from sklearn.metrics import confusion_matrix
-
-    from slidestream import charts
-
+    """The held-out table (one line per ``predictions.csv``) and, per model, one row of its
+    charts (see :func:`_model_charts`)."""
     folders = about.get("folders") or {}
     parts = [
         "<h2>Held-out results</h2><table><tr><th>predictions</th><th>what</th>"
@@ -103,27 +101,40 @@ def results_section(root: Path, preds: list[Path], img: Path, about: dict[str, A
             f"<td>{m.get('slides', 0)}</td><td>{m.get('unlabelled', 0)}</td>"
             f"<td>{_fmt(m.get('auc', math.nan))}</td><td>{_fmt(m.get('accuracy', math.nan))}</td></tr>"
         )
-        data = _labelled(p)
-        if data is None:
-            continue
-        labels, probs, classes = data
-        y = [classes.index(lab) for lab in labels]
-        key = path_hash(p)
-        if len(set(y)) > 1:
-            roc = charts.roc_figure(y, probs, classes)
-            figures.append(_chart(roc, img, f"{key}-roc", f"ROC, {rel}", rel))
-        matrix = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
-        figures.append(
-            _chart(
-                charts.confusion_figure(matrix, classes),
-                img,
-                f"{key}-confusion",
-                f"confusion, {rel}",
-                rel,
-            )
-        )
+        row = _model_charts(p, rel, img)
+        if row:
+            figures.append(f"<p><code>{html.escape(rel)}</code>: {html.escape(what)}</p>{row}")
     parts.append("</table>")
     return "".join(parts) + "".join(figures)
+
+
+def _model_charts(pred_csv: Path, rel: str, img: Path) -> str:
+    """One row of a model's held-out charts: ROC, precision-recall and (two classes)
+    calibration when both classes occur, and the confusion matrix; '' without labels."""
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    from slidestream import charts
+
+    data = _labelled(pred_csv)
+    if data is None:
+        return ""
+    labels, probs, classes = data
+    y = np.array([classes.index(lab) for lab in labels])
+    figures = []
+    if len(set(y.tolist())) > 1:
+        figures.append(("roc", "ROC", charts.roc_figure(y, probs, classes)))
+        figures.append(("pr", "precision-recall", charts.pr_figure(y, probs, classes)))
+        if len(classes) == 2:
+            calibration = charts.calibration_figure(y == 1, probs[:, 1])
+            figures.append(("calibration", f"calibration of p({classes[1]})", calibration))
+    matrix = confusion_matrix(y, probs.argmax(1), labels=list(range(len(classes))))
+    figures.append(("confusion", "confusion", charts.confusion_figure(matrix, classes)))
+    key = path_hash(pred_csv)
+    cells = [
+        _chart(fig, img, f"{key}-{name}", f"{what}, {rel}", rel) for name, what, fig in figures
+    ]
+    return f"<div class='charts'>{''.join(cells)}</div>"
 
 
 def _kind(pred_csv: Path) -> str:

@@ -79,7 +79,8 @@ def warn_if_near_empty(mask: TissueMask, path: str | os.PathLike[str]) -> bool:
         what = "no tissue" if mask.is_empty else f"only {100 * mask.fraction:.3f}% tissue"
         log.warning(
             "%s: %s found by tissue method %r, so it gives few or no patches; check that the "
-            "slide is not blank or all background, or try method %r (--method %s)",
+            "slide is not blank or all background, or compare method %r (slidestream tissue "
+            "--method %s draws its mask)",
             path,
             what,
             mask.method,

@@ -14,11 +14,13 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from slidestream.errors import ConfigError
 
-__all__ = ["add_config_flags", "load_config", "save_config", "config_dict"]
+__all__ = ["add_config_flags", "load_config", "save_config", "config_dict", "write_run_config"]
+
+# first line of the config.yaml a run folder holds: its relative paths start at its own folder
+RUN_CONFIG_HEADER = "# slidestream run config: relative paths are relative to this file's folder\n"
+PATH_KEYS = ("data", "val_data", "features", "resume_from", "out")
 
 T = TypeVar("T")
 
@@ -82,14 +84,19 @@ def load_config(
     overrides: dict[str, Any] | None = None,
 ) -> T:
     """Defaults ← YAML file ← overrides, checked against the dataclass fields."""
+    import yaml  # here, not at the top: the CLI builds its parser from this module
+
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of settings")
+        if text.startswith(RUN_CONFIG_HEADER):  # a run folder's own config.yaml
+            loaded = _resolved_paths(loaded, Path(path).parent)
         values.update(loaded)
     values.update(overrides or {})
     names = {f.name for f in dataclasses.fields(cls)}
@@ -100,6 +107,34 @@ def load_config(
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"bad config: {exc}") from exc
+
+
+def _resolved_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    out = dict(values)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            out[key] = os.path.normpath(folder / value)
+    return out
+
+
+def write_run_config(run: str | os.PathLike[str], config: dict[str, Any]) -> Path:
+    """Write ``run/config.yaml``: ``config`` with its paths (``data``, ``val_data``,
+    ``features``, ``resume_from``, ``out``) relative to ``run`` where they lie inside the folder
+    that holds the runs folder (see :func:`slidestream.train.runlog.portable_path`), so a moved
+    project folder still finds its data; :func:`load_config` resolves them against ``run``."""
+    import yaml
+
+    from slidestream.train.runlog import portable_path
+
+    run = Path(run)
+    values = dict(config)
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = portable_path(values[key], run)
+    path = run / "config.yaml"
+    path.write_text(RUN_CONFIG_HEADER + yaml.safe_dump(values, sort_keys=False))
+    return path
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +148,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    import yaml
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))

@@ -24,6 +24,7 @@ from slidestream.colors import write_colors
 from slidestream.data.functional import resolve_device
 from slidestream.errors import ConfigError
 from slidestream.models.checkpoint import load_checkpoint
+from slidestream.train.config import write_run_config
 from slidestream.train.ddp import all_reduce_grads, barrier, distributed, sum_values
 from slidestream.train.runlog import BestRule, RunLog, check_fingerprint
 from slidestream.train.task import Settings, Task
@@ -75,11 +76,13 @@ class _Loop:
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: fastest kernels, found once
         torch.manual_seed(s.seed)
+        task.run = self.run  # fingerprints record paths relative to it
         task.setup(self.device, self.rank, self.world, channels_last)
         self.opt = task.make_optimizer(task.param_groups())
         self.sched = task.make_scheduler(self.opt, task.steps_per_epoch())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.epoch = 0
+        self.step_lr = float(self.opt.param_groups[0]["lr"])
         self.log = RunLog(self.run, BestRule(s.best_metric), on_epoch if self.rank == 0 else None)
 
     # --- resume ------------------------------------------------------------------------------
@@ -123,7 +126,7 @@ class _Loop:
         if not self.task.has_validation() and self.rank == 0 and self.epoch < self.s.epochs:
             log.warning(
                 "no validation data: metrics are training metrics only, and best.pt is the "
-                "epoch with the lowest train_loss (pass val_data, or a split column with val)"
+                "epoch with the lowest train_loss (pass --val-data, or a split column with val)"
             )
         for epoch in range(self.epoch, self.s.epochs):
             row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
@@ -180,7 +183,7 @@ class _Loop:
             bar.update(1)
             bar.set_postfix(
                 loss=f"{total / max(images, 1):.4f}",
-                img_s=f"{images / max(wait + compute, 1e-9):.1f}",
+                **{f"{task.unit}_s": f"{images / max(wait + compute, 1e-9):.1f}"},
                 wait=f"{wait / max(wait + compute, 1e-9):.0%}",
             )
         bar.close()
@@ -193,11 +196,12 @@ class _Loop:
             if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         )
+        unit = task.unit  # images, or bags for MIL
         return {
             "train_loss": total / max(images, 1),
-            "lr": float(self.opt.param_groups[0]["lr"]),
-            "images": int(images),
-            "images_per_s": images / max(wall, 1e-9) / 1,
+            "lr": self.step_lr,  # of the epoch's last step (first parameter group)
+            unit: int(images),
+            f"{unit}_per_s": images / max(wall, 1e-9),
             "data_wait_s": wait / self.world,
             "step_s": compute / self.world,
             "time_s": wall,
@@ -235,6 +239,7 @@ class _Loop:
         all_reduce_grads(self.task.model, self.world)
         self.scaler.step(self.opt)
         self.scaler.update()
+        self.step_lr = float(self.opt.param_groups[0]["lr"])
         if self.sched is not None:
             self.sched.step()
         if self.device.type == "cuda":
@@ -261,7 +266,7 @@ class _Loop:
         }
 
     def summary(self) -> dict[str, Any]:
-        return {"skipped_slides": dict(self.task.skipped), "run": str(self.run)}
+        return {"skipped_slides": dict(self.task.skipped), "run": self.run.name}
 
 
 def fit(
@@ -278,10 +283,7 @@ def fit(
     try:
         loop.resume()
         if loop.rank == 0:  # after the resume check: a refused run leaves the folder alone
-            import yaml
-
-            config = task.state().get("config", {})
-            (loop.run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_run_config(loop.run, task.state().get("config", {}))
             write_colors(loop.run, task.classes)
         loop.fit()
     finally:

@@ -27,7 +27,7 @@ from slidestream.models.slide import outputs_for, predictions
 from slidestream.sampling import Cohort, SlideEntry, load_cohort, parse_split, split_by_patient
 from slidestream.train.config import config_dict
 from slidestream.train.loop import fit, settings_of
-from slidestream.train.runlog import file_digest, run_dir
+from slidestream.train.runlog import file_digest, portable_path, run_dir
 from slidestream.train.slide import loss_fn, metrics_for
 from slidestream.train.task import Task
 
@@ -160,6 +160,7 @@ class MILTask(Task):
     """MIL on feature files (``slidestream train-mil``)."""
 
     kind = "mil"
+    unit = "bags"
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -317,8 +318,8 @@ class MILTask(Task):
             "hidden": cfg.hidden,
             "task": cfg.task,
             "classes": self.classes,
-            "data": f"{Path(cfg.data).resolve()} ({file_digest(cfg.data)})",
-            "features": str(Path(cfg.features).resolve()),
+            "data": f"{portable_path(cfg.data, self.run)} ({file_digest(cfg.data)})",
+            "features": portable_path(cfg.features, self.run),
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slidestream.errors import ConfigError
+from slidestream.train.schedule import check_schedule
 
 __all__ = ["MILTrainConfig"]
 
@@ -30,6 +31,8 @@ class MILTrainConfig:
     lr: float = 2e-4  # learning rate
     weight_decay: float = 1e-4  # L2 weight decay (decoupled for adamw)
     optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "constant"  # constant | cosine (to 0) | step (×0.1 at 50%, 75%)
+    warmup_epochs: float = 0.0  # epochs of linear lr warm-up before the schedule
     momentum: float = 0.9  # SGD momentum
     accumulate: int = 1  # bags per optimizer step
     amp: bool | None = None  # mixed precision; none: on for CUDA
@@ -58,6 +61,7 @@ class MILTrainConfig:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0 or self.hidden < 1:
             raise ConfigError("epochs, accumulate and hidden must be >= 1 and lr > 0")
+        check_schedule(self.schedule, self.warmup_epochs, self.epochs)
         if self.max_instances is not None and self.max_instances < 1:
             raise ConfigError(f"max_instances must be >= 1 or none, got {self.max_instances}")
         if not 0 <= self.dropout < 1 or self.workers < 0:

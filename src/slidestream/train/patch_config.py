@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slidestream.errors import ConfigError
+from slidestream.train.schedule import check_schedule
 
 __all__ = ["PatchTrainConfig"]
 
@@ -26,7 +27,8 @@ class PatchTrainConfig:
     weight_decay: float = 1e-4  # L2 weight decay (decoupled for adamw)
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # SGD momentum
-    schedule: str = "cosine"  # cosine (to 0 over all steps) | none (constant lr)
+    schedule: str = "cosine"  # constant | cosine (to 0) | step (×0.1 at 50%, 75%)
+    warmup_epochs: float = 0.0  # epochs of linear lr warm-up before the schedule
     amp: bool | None = None  # mixed precision; none: on for CUDA (bf16, or fp16 + GradScaler)
     channels_last: bool | None = None  # channels-last model and batches; none: on for CUDA
     class_weighting: str = "none"  # none | balanced (loss weights 1 / class frequency)
@@ -46,7 +48,6 @@ class PatchTrainConfig:
             raise ConfigError("data is required: a patch database (.h5) or a cohort CSV")
         checks = {
             "optimizer": ("adamw", "sgd"),
-            "schedule": ("cosine", "none"),
             "class_weighting": ("none", "balanced"),
             "augmentation": ("light", "strong", "none"),
         }
@@ -55,3 +56,4 @@ class PatchTrainConfig:
                 raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+        check_schedule(self.schedule, self.warmup_epochs, self.epochs)

@@ -9,7 +9,6 @@ matrix image, ``val_grid_epoch<N>.png`` (validation patches with true/predicted 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from slidestream.train.config import config_dict
 from slidestream.train.loop import fit, settings_of
 from slidestream.train.metrics import classification_metrics
 from slidestream.train.patch_config import PatchTrainConfig
-from slidestream.train.runlog import file_digest, run_dir
+from slidestream.train.runlog import file_digest, portable_path, run_dir
 from slidestream.train.task import Task
 
 __all__ = ["PatchTask", "PatchTrainConfig", "train_patches"]
@@ -67,13 +66,14 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
             raise ConfigError(f"{val_path} has classes {val.classes}, {cfg.data} {train.classes}")
         if not train.classes:
             raise ConfigError(
-                f"{cfg.data} has no classes: build it from a cohort CSV with a "
-                f"label column, --labels annotations, or --tiles class folders"
+                f"{cfg.data} has no classes: build it with slidestream patches from a cohort "
+                f"CSV with a label column, --labels annotations, or --tiles class folders"
             )
         if not len(train):
             raise NoPatchesError(
-                f"{cfg.data} holds no patches: rebuild it (slidestream patches names the slides "
-                f"that gave none), e.g. with a lower --min-tissue, after checking tissue masks"
+                f"{cfg.data} holds no patches: rebuild it with slidestream patches --min-tissue "
+                f"set lower, after checking the tissue masks (it names the slides that gave "
+                f"none)"
             )
         counts = [train.class_counts.get(c, 0) for c in train.classes]
         return _Data(
@@ -155,14 +155,6 @@ class PatchTask(Task):
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.model.parameters()), "lr": self.cfg.lr}]
-
-    def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-        total = steps_per_epoch * self.cfg.epochs
-        if self.cfg.schedule != "cosine":
-            return None
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
 
     def start_epoch(self, epoch: int) -> None:
         """Each epoch starts a new pass, shuffled by (seed, epoch): a resumed run sees the
@@ -258,7 +250,7 @@ class PatchTask(Task):
             "task": "multiclass",
             "patch_size": self.data.size,
             "mpp": self.data.mpp,
-            "data": f"{Path(self.cfg.data).resolve()} ({_data_identity(self.cfg.data)})",
+            "data": f"{portable_path(self.cfg.data, self.run)} ({_data_identity(self.cfg.data)})",
         }
 
 

@@ -5,6 +5,11 @@ best), ``last.pt``, ``metrics.csv``, ``summary.json``, ``curves.png`` and Tensor
 file is replaced atomically (temporary file, then rename), and ``last.pt`` holds the history,
 the best metric and the best epoch: after a kill at any point, the next start rewrites
 ``metrics.csv`` and ``summary.json`` from ``last.pt``, so all four agree.
+
+``last.pt`` alone carries the training state (optimizer, scheduler, GradScaler, RNG, history)
+that resume needs; ``best.pt`` (and the ``epochNNN.pt`` kept for weight averaging) hold the
+weights, the model spec, the epoch's ``metrics`` and the best-epoch fields only: a third of
+``last.pt`` under AdamW, whose state is twice the weights.
 """
 
 from __future__ import annotations
@@ -24,7 +29,18 @@ from typing import Any
 from slidestream.errors import ConfigError
 from slidestream.models.checkpoint import clean_stale_temps, save_checkpoint
 
-__all__ = ["BestRule", "RunLog", "check_fingerprint", "file_digest", "run_dir"]
+__all__ = [
+    "TRAINING_STATE",
+    "BestRule",
+    "RunLog",
+    "check_fingerprint",
+    "file_digest",
+    "portable_path",
+    "run_dir",
+]
+
+# checkpoint keys only resuming needs: kept in last.pt, left out of best.pt and epochNNN.pt
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng_state", "history")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +72,28 @@ def file_digest(path: str | Path, limit: int = 64 << 20) -> str:
     return h.hexdigest()[:12]
 
 
+def portable_path(path: str | os.PathLike[str], run: str | os.PathLike[str]) -> str:
+    """``path`` as a run folder ``run`` records it: relative to ``run`` (``../../cohort.csv``)
+    when it lies inside the folder that holds the runs folder (``run/../..``, e.g. a demo or
+    project folder), so that folder can move as one; otherwise absolute."""
+    target, base = Path(path).resolve(), Path(run).resolve()
+    if base.parent.parent in (target, *target.parents):
+        return os.path.relpath(target, base)
+    return str(target)
+
+
+_PATH_KEYS = ("data", "features")  # fingerprint entries that start with a path
+
+
+def _located(key: str, value: Any, run: Path) -> Any:
+    """A fingerprint value with its leading path (``PATH`` or ``PATH (digest)``) made absolute
+    against ``run``: old absolute and new relative records of one file compare equal."""
+    if key not in _PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    path, sep, rest = value.partition(" (")
+    return str((run / path).resolve()) + sep + rest
+
+
 def run_dir(cfg: Any, kind: str = "slides") -> Path:
     """``out/name``; without a name, one derived from data, model and task, so that different
     runs never share a folder and re-running the same command resumes."""
@@ -74,7 +112,7 @@ def run_dir(cfg: Any, kind: str = "slides") -> Path:
             "pooling",
         )
     }
-    ident["data"] = str(Path(cfg.data).resolve())
+    ident["data"] = portable_path(cfg.data, Path(cfg.out) / "run")
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:6]
     return Path(cfg.out) / f"{kind}-{Path(cfg.data).stem}-{cfg.model.replace('/', '_')}-{digest}"
 
@@ -110,7 +148,11 @@ def check_fingerprint(run: Path, saved: dict[str, Any] | None, now: dict[str, An
     """Refuse to resume ``run`` with other data or another model, naming the difference."""
     if not saved:
         return
-    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diff = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if _located(k, saved.get(k), run) != _located(k, now.get(k), run)
+    ]
     if diff:
         k = diff[0]
         raise ConfigError(
@@ -182,11 +224,13 @@ class RunLog:
         if is_best:
             self.best, self.best_epoch, self.best_name = value, int(row["epoch"]), metric
         ckpt = {**state(), **self.loop_state()}
+        model = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+        model["metrics"] = {k: v for k, v in row.items() if isinstance(v, float | int)}
         if is_best:
-            save_checkpoint(self.run / "best.pt", ckpt)
+            save_checkpoint(self.run / "best.pt", model)
         save_checkpoint(self.run / "last.pt", ckpt)
         if keep_epoch:
-            save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", ckpt)
+            save_checkpoint(self.run / f"epoch{int(row['epoch']):03d}.pt", model)
         self._write_tables(summary)
         self._pictures(row, evaluation, final)
         if self.on_epoch is not None:
@@ -226,7 +270,7 @@ class RunLog:
         from slidestream import charts
 
         keys = ["train_loss", f"val_{self.rule.name}", "val_loss", "lr", "images_per_s"]
-        keys += ["data_wait_s"]
+        keys += ["bags_per_s", "data_wait_s"]
         figures = {"curves": charts.curves_figure(self.history, list(dict.fromkeys(keys)))}
         if evaluation:
             y, probs, classes = evaluation["y"], evaluation["probs"], evaluation["classes"]

@@ -30,7 +30,7 @@ from slidestream.models.slide import SlideSpec, build_slide_model, predictions
 from slidestream.sampling import Cohort, load_cohort
 from slidestream.train.config import config_dict
 from slidestream.train.metrics import classification_metrics, regression_metrics
-from slidestream.train.runlog import file_digest
+from slidestream.train.runlog import file_digest, portable_path
 from slidestream.train.slide_config import SlideTrainConfig
 from slidestream.train.task import Task
 
@@ -285,7 +285,7 @@ class SlideTask(Task):
             "pooling": cfg.pooling,
             "task": cfg.task,
             "classes": self.classes,
-            "data": f"{Path(cfg.data).resolve()} ({file_digest(cfg.data)})",
+            "data": f"{portable_path(cfg.data, self.run)} ({file_digest(cfg.data)})",
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slidestream.errors import ConfigError
+from slidestream.train.schedule import check_schedule
 
 __all__ = ["SlideTrainConfig"]
 
@@ -28,6 +29,8 @@ class SlideTrainConfig:
     epochs: int = 10  # passes of training (see epoch_multiply)
     lr: float = 1e-4  # learning rate of the head (and of the trunk, see trunk_lr_factor)
     optimizer: str = "sgd"  # sgd (momentum) | adamw
+    schedule: str = "constant"  # constant | cosine (to 0) | step (×0.1 at 50%, 75%)
+    warmup_epochs: float = 0.0  # epochs of linear lr warm-up before the schedule
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-5  # L2 weight decay (decoupled for adamw)
     accumulate: int = 1  # images per optimizer step (effective batch size)
@@ -69,6 +72,7 @@ class SlideTrainConfig:
             raise ConfigError(f"elastic is a probability in [0, 1], got {self.elastic}")
         if self.epochs < 1 or self.accumulate < 1 or self.lr <= 0:
             raise ConfigError("epochs and accumulate must be >= 1 and lr > 0")
+        check_schedule(self.schedule, self.warmup_epochs, self.epochs)
         tile = str(self.tile_size).strip().lower()
         if tile != "auto" and not (tile.isdigit() and int(tile) >= 32):
             raise ConfigError(f"tile_size must be auto or a number of px >= 32, got {tile!r}")

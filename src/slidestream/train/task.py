@@ -52,6 +52,8 @@ class Task(ABC):
     """
 
     kind: str = ""
+    run: Any = None  # the run folder (a Path), set by the loop before setup
+    unit: str = "images"  # what a training item is, in metrics.csv and the console (MIL: bags)
     cfg: Any  # the trainer's config dataclass
     model: nn.Module
     classes: list[str]
@@ -78,8 +80,19 @@ class Task(ABC):
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def make_scheduler(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-        """A per-step LR scheduler (or None)."""
-        return None
+        """The per-step LR schedule of the config's ``schedule`` (constant, cosine or step)
+        after ``warmup_epochs`` of linear warm-up (see :func:`slidestream.train.schedule.
+        lr_factor`); None for a constant lr without warm-up."""
+        from slidestream.train.schedule import lr_factor
+
+        schedule = getattr(self.cfg, "schedule", "constant")
+        warmup = round(getattr(self.cfg, "warmup_epochs", 0) * steps_per_epoch)
+        if schedule in ("constant", "none") and warmup == 0:
+            return None
+        total = steps_per_epoch * self.cfg.epochs
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, total, warmup, schedule)
+        )
 
     def start_epoch(self, epoch: int) -> None:  # noqa: B027
         """Called before each training epoch (0-based): seeds, freezing."""
