@@ -82,7 +82,7 @@ def shard_files(path: str | os.PathLike[str], suffix: str | None = None) -> list
             f"shard files of {len(found)} different shard counts ({sorted(found)}) for {path}; "
             f"remove those of the stale run"
         )
-    (n, files), = found.items()
+    ((n, files),) = found.items()
     missing = [f"{prefix}{i}-of-{n}{suffix}" for i in range(n) if i not in files]
     if missing:
         raise ConfigError(
