@@ -10,15 +10,15 @@ one thread, cold tissue-mask cache:
 - ``features``: ``FeatureExtractor("resnet18")`` (random weights, 224² at 2 µm/px, CPU) +
   ``load_cohort`` + ``extract_cohort`` of shard 0/N (its checks run over all rows, then the first
   slide is encoded and written);
-- ``prepare`` (``--prepare-rows``, default 100 and 1,000): ``PatchStream.prepare(workers=2)``,
-  which makes or loads every row's mask up front (the optional eager setup): its cost is per row
-  (open + mask cache read; links to one file share one cached mask, so only ``--files`` masks are
-  computed).
+- ``masks`` (``--mask-rows``, default 100 and 1,000): every row's slide opened and its mask made
+  or loaded from the cache, one process: the per-row cost of the optional eager setup
+  ``PatchStream.prepare`` (which spreads it over worker processes, after their start-up). Links
+  to one file share one cached mask, so only ``--files`` masks are computed.
 
 Peak RSS is ``ru_maxrss`` of the measuring process; ``*_mb_per_1000`` is the slope of peak RSS
 from the smallest to the largest cohort per 1,000 rows. The last line is JSON with the curves.
 
-    python benchmarks/cohort_scale.py [--rows 100 1000 10000] [--files 3] [--size 4096]
+    python benchmarks/cohort_scale.py [--rows 100 1000 10000] [--mask-rows 100 1000] [--files 3]
 """
 
 from __future__ import annotations
@@ -89,15 +89,21 @@ def _child_features(csv: Path, cache: Path) -> dict[str, float]:
     }
 
 
-def _child_prepare(csv: Path, cache: Path) -> dict[str, float]:
-    from slidestream.data import PatchStream
-    from slidestream.sampling import RandomPatchSampler
+def _child_masks(csv: Path, cache: Path) -> dict[str, float]:
+    from slidestream.io import open_slide
+    from slidestream.sampling import load_cohort
+    from slidestream.tissue import detect_tissue
 
+    cohort = load_cohort(csv)
     t0 = time.perf_counter()
-    stream = PatchStream(csv, RandomPatchSampler(224, 0.5), mask_dir=cache)
-    failed = stream.prepare(workers=2)
-    assert not failed, failed[:3]
-    return {"prepare_s": time.perf_counter() - t0, "peak_rss_mb": _peak_mb()}
+    for entry in cohort:  # what PatchStream.prepare does for each row, in its workers
+        with open_slide(entry.path, mpp=entry.mpp) as slide:
+            detect_tissue(slide, cache_dir=cache)
+    return {
+        "masks_s": time.perf_counter() - t0,
+        "masks_computed": len(list(cache.glob("*.tissue.png"))),
+        "peak_rss_mb": _peak_mb(),
+    }
 
 
 def _cohort(rows: int, files: int, size: int) -> Path:
@@ -143,14 +149,14 @@ def _slope(rows: list[int], values: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[100, 1000, 10000])
-    ap.add_argument("--prepare-rows", type=int, nargs="*", default=[100, 1000])
+    ap.add_argument("--mask-rows", type=int, nargs="*", default=[100, 1000])
     ap.add_argument("--files", type=int, default=3)
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--child", nargs=3, metavar=("KIND", "CSV", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, csv, tmp = args.child
-        run = {"stream": _child_stream, "features": _child_features, "prepare": _child_prepare}
+        run = {"stream": _child_stream, "features": _child_features, "masks": _child_masks}
         print(json.dumps(run[kind](Path(csv), Path(tmp))))
         return
     DATA.mkdir(parents=True, exist_ok=True)
@@ -163,14 +169,13 @@ def main() -> None:
         for g, n in zip(got, rows, strict=True):
             print(f"{kind} {n:>6} rows: {g}", file=sys.stderr)
         result[f"{kind}_mb_per_1000"] = round(_slope(rows, [g["peak_rss_mb"] for g in got]), 2)
-    prep = sorted(args.prepare_rows)
-    if prep:
-        got = [_measure("prepare", _cohort(n, args.files, args.size)) for n in prep]
-        result["prepare_rows"] = prep
-        result["prepare_s"] = [round(g["prepare_s"], 2) for g in got]
-        result["prepare_ms_per_row"] = round(
-            1000 * (got[-1]["prepare_s"] - got[0]["prepare_s"]) / max(1, prep[-1] - prep[0]), 2
-        )
+    rows_m = sorted(args.mask_rows)
+    if rows_m:
+        got = [_measure("masks", _cohort(n, args.files, args.size)) for n in rows_m]
+        result["masks_rows"] = rows_m
+        result["masks_s"] = [round(g["masks_s"], 2) for g in got]
+        result["masks_computed"] = [g["masks_computed"] for g in got]
+        result["masks_ms_per_row"] = round(1000 * got[-1]["masks_s"] / rows_m[-1], 2)
     print(json.dumps(result))
 
 

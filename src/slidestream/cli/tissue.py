@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.sampling.shards import parse_shard, shard_items, shard_path
 
     slides = find_slides(args.paths, recursive=args.recursive)
-    missing = [p for p in slides if not Path(p).exists()]
-    slides = [p for p in slides if Path(p).exists()]
+    missing = [p for p in slides if not p.exists()]  # URLs: asked of the server
+    slides = [p for p in slides if p not in missing]
     if not slides:  # one line, and no output folder
         gone = f": not found: {', '.join(map(str, missing))}" if missing else ""
         error_line("tissue", f"no slides found in {' '.join(args.paths)}{gone}")
