@@ -132,3 +132,17 @@ def test_remote_path_basics(monkeypatch):
     monkeypatch.setattr(fsspec.core, "url_to_fs", absent)
     with pytest.raises(BackendUnavailableError, match=r"pip install 'slidestream\[remote\]'"):
         open_slide("s3://bucket/a/b.svs")
+
+
+def test_patch_stream_from_a_cohort_of_urls(server, tmp_path):
+    import itertools
+
+    from slidestream.data import PatchStream
+    from slidestream.sampling import RandomPatchSampler
+
+    csv = tmp_path / "c.csv"
+    csv.write_text(f"slide,label\n{server}/pyramid.tiff,a\n{server}/tumour2.tiff,b\n")
+    stream = PatchStream(csv, RandomPatchSampler(64, 2.0), mask_dir=tmp_path / "masks", seed=0)
+    items = list(itertools.islice(iter(stream), 40))
+    assert {it["slide"] for it in items} == {f"{server}/pyramid.tiff", f"{server}/tumour2.tiff"}
+    assert items[0]["image"].shape == (3, 64, 64)
