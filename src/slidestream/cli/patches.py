@@ -65,22 +65,49 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="HDF5 compression of the images: gzip (smaller), lzf (faster), none (default: gzip)",
     )
     p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="do every N-th slide from I into DB.shard-I-of-N.h5 (default: torchrun's RANK/"
+        "WORLD_SIZE, else all slides)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the shard databases into --out (same COHORT, --split and --seed; the "
+        "patches are mapped, not copied, so keep the shard files next to it)",
+    )
     add_backend_option(p)
     add_slide_mpp_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidestream.data.database import build_patch_databases, build_tile_database
+    from slidestream.data.database import (
+        build_patch_databases,
+        build_tile_database,
+        merge_shard_databases,
+    )
     from slidestream.errors import ConfigError
     from slidestream.sampling import (
         AnnotationSampler,
         GridPatchSampler,
         RandomPatchSampler,
+        parse_shard,
         parse_split,
     )
 
     split = parse_split(args.split) if args.split else None
+    shard = parse_shard(args.shard)
+    if args.tiles and (shard[1] > 1 or args.merge):
+        raise ConfigError("--shard and --merge are for slides, not --tiles folders")
+    if args.merge:
+        cohort = load_slides("patches", args.cohort)
+        build = merge_shard_databases(cohort, args.out, split=split, seed=args.seed)
+        for name, path in build.files.items():
+            print(f"{name}: {count(build.patches[name], 'patch', 'patches')} merged -> {path}")
+        return 0
     if args.tiles:
         build = build_tile_database(
             args.cohort[0],
@@ -119,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
             compression=args.compression,
             backend=args.backend,
             mask_dir=args.out.parent / "masks",
+            shard=shard,
         )
         build.failures = cohort.problems + build.failures
     for failure in build.failures:

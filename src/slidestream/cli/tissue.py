@@ -16,8 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Detect tissue on each slide and write DIR/<stem>.tissue.png "
         "(1-bit mask), DIR/<stem>.tissue.json (method, parameters, "
         "mask mpp, slide size, fraction) and DIR/<stem>.qc.png "
-        "(thumbnail with the tissue outline). A slide that fails is "
-        "reported and skipped; the exit code is 1 if any failed.",
+        "(thumbnail with the tissue outline), and DIR/tissue.csv (one row per slide). "
+        "A slide that fails is reported and skipped; the exit code is 1 if any failed. "
+        "--shard i/n (or torchrun's RANK/WORLD_SIZE) does every n-th slide from i and "
+        "writes DIR/tissue.shard-i-of-n.csv; the same command with --merge then writes "
+        "DIR/tissue.csv from all shards.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH_OR_DIR", help="slides, folders or globs")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
@@ -33,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (1)")
     p.add_argument("--qc-size", type=int, default=1024, help="longer side of QC images (1024)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="do every N-th slide from I")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="combine the shards' tissue.shard-*.csv into tissue.csv",
+    )
     add_slide_options(p)
     p.set_defaults(func=run)
 
@@ -72,16 +81,20 @@ def run(args: argparse.Namespace) -> int:
     from slidestream.io import find_slides
     from slidestream.parallel import process_pool
     from slidestream.sampling.naming import output_stems
+    from slidestream.sampling.shards import parse_shard, shard_items, shard_path
 
     slides = find_slides(args.paths, recursive=args.recursive)
-    missing = [p for p in slides if not Path(p).exists()]
-    slides = [p for p in slides if Path(p).exists()]
+    missing = [p for p in slides if not p.exists()]  # URLs: asked of the server
+    slides = [p for p in slides if p not in missing]
     if not slides:  # one line, and no output folder
         gone = f": not found: {', '.join(map(str, missing))}" if missing else ""
         error_line("tissue", f"no slides found in {' '.join(args.paths)}{gone}")
         return 1
     for path in missing:
         error_line("tissue", f"slide not found: {path} (left out)")
+    if args.merge:
+        return _merge(slides, args.out)
+    shard = parse_shard(args.shard)
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (
@@ -98,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for p, stem in zip(slides, output_stems(slides), strict=True)
     ]
+    jobs = shard_items(jobs, shard)  # stems of the whole cohort: the same in every shard
     bar = tqdm(total=len(jobs), desc="tissue", unit="slide")
     rows = []
     if args.workers > 1:
@@ -108,8 +122,49 @@ def run(args: argparse.Namespace) -> int:
         for job in jobs:
             rows.append(_report(process_slide(*job), bar))
     bar.close()
+    _write_table(shard_path(args.out / "tissue.csv", shard), rows)
     _print_summary(rows, args.out)
     return 1 if any("error" in r for r in rows) else 0
+
+
+_COLUMNS = ["slide", "stem", "backend", "fraction", "mask_mpp", "error"]
+
+
+def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The summary CSV (one row per slide, errors included), renamed into place."""
+    import csv
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, _COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _merge(slides: list[Path], out: Path) -> int:
+    """tissue.csv from the shards' CSVs, in the order of ``slides``; slides in no shard are
+    named (their shard did not finish, or it ran on other slides)."""
+    from slidestream.sampling.shards import read_shard_tables
+
+    _, table = read_shard_tables(out / "tissue.csv")
+    by_slide = {r["slide"]: r for r in table}
+    rows, missing = [], []
+    for path in slides:
+        row = by_slide.get(str(path))
+        if row is None:
+            missing.append(str(path))
+            continue
+        rows.append({k: v for k, v in row.items() if v != ""})
+    for path in missing:
+        error_line("tissue", f"{path} is in no shard's tissue.shard-*.csv (left out of the merge)")
+    _write_table(out / "tissue.csv", rows)
+    for r in rows:
+        r["fraction"] = float(r.get("fraction", "nan"))
+        r["mask_mpp"] = float(r["mask_mpp"]) if r.get("mask_mpp") else None
+    _print_summary(rows, out)
+    return 1 if missing or any("error" in r for r in rows) else 0
 
 
 def _report(row: dict[str, Any], bar: Any) -> dict[str, Any]:

@@ -27,9 +27,15 @@ from slidestream.sampling import (
     split_by_patient,
 )
 from slidestream.sampling.cohort import failure_message
+from slidestream.sampling.shards import shard_files, shard_path
 from slidestream.tissue import TissueMask, detect_tissue
 
-__all__ = ["DatabaseBuild", "build_patch_databases", "tile_folder_entries"]
+__all__ = [
+    "DatabaseBuild",
+    "build_patch_databases",
+    "merge_shard_databases",
+    "tile_folder_entries",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ def build_patch_databases(
     tissue: str = "otsu",
     mask_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> DatabaseBuild:
     """Write patches of every slide into per-split HDF5 files (split by patient, resumable).
 
@@ -80,6 +87,9 @@ def build_patch_databases(
     ``per_slide`` caps the patches per slide (required for endless random samplers).
     Slides are committed one by one, crash-safely (:mod:`slidestream.data.hdf5_writer`); a
     patch whose pixels cannot be decoded is left out and counted in ``DatabaseBuild.damaged``.
+    With ``shard=(i, n)`` only the slides of shard ``i/n`` are done (splits, seeds and classes
+    are those of the whole cohort) into ``DB.shard-i-of-n.h5`` (per split
+    ``DB.shard-i-of-n.train.h5``, ...), for :func:`merge_shard_databases`.
     """
     from tqdm import tqdm
 
@@ -96,9 +106,16 @@ def build_patch_databases(
         "compression": compression,
         "tissue": tissue,
     }
+    out = shard_path(out, shard)
     build = DatabaseBuild(files=split_paths(out, list(groups)))
     args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir)
-    bar = tqdm(total=len(cohort), desc="patches", unit="slide", disable=not progress)
+    position = {s.path: k for k, s in enumerate(cohort.slides)}
+    groups = {
+        name: [e for e in entries if position[e.path] % shard[1] == shard[0]]
+        for name, entries in groups.items()
+    }
+    total = sum(map(len, groups.values()))
+    bar = tqdm(total=total, desc="patches", unit="slide", disable=not progress)
     with contextlib.ExitStack() as stack:
         if len(groups) > 1:  # one writer of the whole set of split files at a time
             stack.enter_context(exclusive_lock(out, "slidestream patches"))
@@ -114,6 +131,30 @@ def build_patch_databases(
     bar.close()
     if build.empty and not build.skipped and not sum(build.patches.values()):
         raise no_patches_error(build.empty, sampler, failed=len(build.failures))
+    return build
+
+
+def merge_shard_databases(
+    cohort: Cohort,
+    out: str | os.PathLike[str],
+    *,
+    split: dict[str, float] | None = None,
+    seed: int = 0,
+) -> DatabaseBuild:
+    """Merge the shard databases of ``out`` (written by ``build_patch_databases(..., shard=)``
+    with this ``cohort``, ``split`` and ``seed``) into ``out`` (one file per split), patches
+    mapped, not copied (:mod:`slidestream.data.hdf5_merge`), rows in the order of an unsharded
+    run. Raises ConfigError when a shard file is missing or the shards do not match."""
+    from slidestream.data.hdf5_merge import merge_patch_databases
+
+    out = Path(out)
+    groups = split_by_patient(cohort.slides, split, seed) if split else {"all": cohort.slides}
+    build = DatabaseBuild(files=split_paths(out, list(groups)))
+    for name, entries in groups.items():
+        target = build.files[name]
+        suffix = target.name[len(out.stem) :] if len(groups) > 1 else out.suffix
+        shards = shard_files(out, suffix)
+        build.patches[name] = merge_patch_databases(shards, target, [str(e.path) for e in entries])
     return build
 
 

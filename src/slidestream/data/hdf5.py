@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from slidestream.data.hdf5_merge import missing_sources
 from slidestream.data.hdf5_writer import FORMAT_VERSION as FORMAT_VERSION
 from slidestream.data.hdf5_writer import PatchDatabaseWriter as PatchDatabaseWriter
 from slidestream.errors import SlideStreamError
@@ -65,10 +66,16 @@ class PatchDatabase(Dataset):
                 # slide -> patch regions left out because their pixels could not be decoded
                 self.damaged_regions = json.loads(h5.attrs.get("damaged_regions", "{}"))
                 self.labels = h5["label"][: int(h5.attrs["n_committed"])]
+                gone = missing_sources(h5)
         except (OSError, KeyError) as exc:
             raise SlideStreamError(
                 f"{self.path} is not a slidestream patch database: {exc}"
             ) from exc
+        if gone:  # a merged database reads its patches from the shard files
+            raise SlideStreamError(
+                f"{self.path} is a merge of shard databases, and {', '.join(gone)} is gone "
+                f"from its folder; put the shard files back or re-run the shards and the merge"
+            )
         self._h5: Any = None
         self._pid: int | None = None
 

@@ -37,7 +37,7 @@ import numpy as np
 from slidestream.errors import ConfigError
 from slidestream.parallel import exclusive_lock
 
-__all__ = ["FORMAT_VERSION", "PatchDatabaseWriter"]
+__all__ = ["FORMAT_VERSION", "PatchDatabaseWriter", "set_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -230,20 +230,30 @@ class PatchDatabaseWriter:
         self._shards, self._final = [], {"n": n, "completed": completed, "clean": True}
 
     def _set_attrs(self, h5: Any, n: int, completed: list[str], damaged: dict[str, int]) -> None:
-        counts = np.bincount(h5["label"][:n][h5["label"][:n] >= 0], minlength=len(self.classes))
-        a = h5.attrs
-        a["format_version"], a["patch_size"], a["split"] = (
-            FORMAT_VERSION,
-            self.patch_size,
-            self.split,
-        )
-        a["classes"], a["seed"] = json.dumps(self.classes), self.seed
-        a["params"] = json.dumps(self.params or {})
-        a["n_committed"], a["completed_slides"] = n, json.dumps(sorted(set(completed)))
-        a["class_counts"] = json.dumps(
-            {c: int(k) for c, k in zip(self.classes, counts[: len(self.classes)], strict=True)}
-        )
-        a["damaged_regions"] = json.dumps(damaged, sort_keys=True)
+        set_attrs(h5, n, completed, damaged, self)
+
+
+def set_attrs(
+    h5: Any, n: int, completed: list[str], damaged: dict[str, int], settings: Any
+) -> None:
+    """The attributes of a consolidated database of ``n`` rows (see :mod:`slidestream.data.hdf5`);
+    ``settings`` has ``patch_size``, ``split``, ``classes``, ``seed`` and ``params``."""
+    classes = settings.classes
+    labels = h5["label"][:n]
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    a = h5.attrs
+    a["format_version"], a["patch_size"], a["split"] = (
+        FORMAT_VERSION,
+        settings.patch_size,
+        settings.split,
+    )
+    a["classes"], a["seed"] = json.dumps(classes), settings.seed
+    a["params"] = json.dumps(settings.params or {})
+    a["n_committed"], a["completed_slides"] = n, json.dumps(sorted(set(completed)))
+    a["class_counts"] = json.dumps(
+        {c: int(k) for c, k in zip(classes, counts[: len(classes)], strict=True)}
+    )
+    a["damaged_regions"] = json.dumps(damaged, sort_keys=True)
 
 
 def _write(h5: Any, n: int, block: list[tuple[Any, ...]], slide_key: str, patient: str) -> int:

@@ -34,9 +34,10 @@ from slidestream.parallel import exclusive_lock, process_pool
 from slidestream.sampling import Cohort, SlideEntry
 from slidestream.sampling.cohort import failure_message
 from slidestream.sampling.naming import output_stems
+from slidestream.sampling.shards import read_shard_tables, shard_items, shard_path
 from slidestream.tissue import TissueMask, detect_tissue
 
-__all__ = ["PrepareResult", "prepare_cohort", "prepare_slide", "tissue_runs"]
+__all__ = ["PrepareResult", "merge_prepared", "prepare_cohort", "prepare_slide", "tissue_runs"]
 
 log = logging.getLogger(__name__)
 
@@ -289,29 +290,62 @@ def prepare_cohort(
     *,
     workers: int = 2,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
     **kwargs: Any,
 ) -> PrepareResult:
     """Prepare every slide (in ``workers`` parallel processes; in this one for ``workers=1``)
-    and write ``out_dir/prepared.csv``."""
+    and write ``out_dir/prepared.csv``. With ``shard=(i, n)`` only the slides of shard ``i/n``
+    (:mod:`slidestream.sampling.shards`) are done and their rows go to
+    ``prepared.shard-i-of-n.csv``, for :func:`merge_prepared`."""
     if not mpp > 0:
         raise ConfigError(f"mpp must be positive, got {mpp}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out_dir / "prepared.csv", "slidestream prepare"):
+    table = shard_path(out_dir / "prepared.csv", shard)
+    with exclusive_lock(table, "slidestream prepare"):
         clean_partial_files(out_dir)
-        result = _run_jobs(cohort, out_dir, mpp, workers, progress, kwargs)
+        result = _run_jobs(cohort, out_dir, mpp, workers, progress, kwargs, shard)
+        _replace_into(table, lambda tmp: _write_csv(tmp, result.rows))
+    return result
+
+
+def merge_prepared(cohort: Cohort, out_dir: str | os.PathLike[str]) -> PrepareResult:
+    """Write ``out_dir/prepared.csv`` from the shards' ``prepared.shard-i-of-n.csv``, rows in
+    cohort order (as an unsharded run writes them); slides in no shard's table (they failed,
+    or were not in that run's cohort) are listed in ``failures``. Raises ConfigError when a
+    shard's table is missing."""
+    out_dir = Path(out_dir)
+    with exclusive_lock(out_dir / "prepared.csv", "slidestream prepare"):
+        _, table = read_shard_tables(out_dir / "prepared.csv")
+        by_source = {r["source"]: r for r in table}
+        result = PrepareResult(failures=list(cohort.problems))
+        for entry in cohort:
+            row = by_source.get(str(entry.path.resolve()))
+            if row is None:
+                result.failures.append(f"{entry.path}: in no shard's prepared table (failed?)")
+                continue
+            result.rows.append(row)
+            if int(row["damaged_regions"] or 0):
+                result.damaged[row["source"]] = int(row["damaged_regions"])
         _replace_into(out_dir / "prepared.csv", lambda tmp: _write_csv(tmp, result.rows))
     return result
 
 
 def _run_jobs(
-    cohort: Cohort, out_dir: Path, mpp: float, workers: int, progress: bool, kwargs: Any
+    cohort: Cohort,
+    out_dir: Path,
+    mpp: float,
+    workers: int,
+    progress: bool,
+    kwargs: Any,
+    shard: tuple[int, int],
 ) -> PrepareResult:
     from tqdm import tqdm
 
     result = PrepareResult(failures=list(cohort.problems))
     stems = output_stems([e.path for e in cohort])
     jobs = [(e, out_dir, mpp, {**kwargs, "stem": s}) for e, s in zip(cohort, stems, strict=True)]
+    jobs = shard_items(jobs, shard)  # stems of the whole cohort: the same in every shard
     pool = process_pool(workers) if workers > 1 else contextlib.nullcontext()
     with pool:  # one worker: this process (no start-up cost, same as slidestream tissue)
         for row, err in tqdm(

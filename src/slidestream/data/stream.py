@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _PATCHES, _OPENED, _FAILED, _DROPPED, _EMPTY = range(5)
 _MASKS_KEPT = 64  # tissue masks (and closed slides) kept in memory per worker
+_PAUSED_KEPT = 1024  # evicted slides whose sampling position is kept, per worker
 
 
 @dataclass
@@ -76,6 +77,13 @@ class PatchStream(IterableDataset):
     the probabilities of ``balance`` (``None``, ``"balanced"`` or ``{label: weight}``); an integer
     gives a finite epoch with that many patches per slide (fewer if a slide runs dry).
     A slide whose opening or reading fails ``max_failures`` times is logged, counted and dropped.
+
+    Memory is bounded whatever the cohort size: each worker keeps at most ``pool_size`` slide
+    handles open (least recently visited closed first), the metadata of the last 64 closed
+    slides and the last 64 tissue masks (others are reloaded from ``mask_dir`` on their next
+    visit), and the sampling position of the last 1,024 evicted slides (a slide evicted from
+    that too starts its locations again, which only an endless stream can notice). The cohort
+    itself is a list of compact :class:`~slidestream.sampling.SlideEntry` rows (~0.5 kB each).
     A slide that gives no patch location (blank, empty mask, ``min_tissue`` too high) is named in
     a warning and counted (``stats()["slides_empty"]``); when no slide gives any patch,
     iteration raises :class:`~slidestream.errors.NoPatchesError` naming them.
@@ -348,6 +356,8 @@ class _Run:
                 self.closed.popitem(last=False)
             if not st.sampler.with_replacement:
                 self.paused[old_index] = old.locations
+                while len(self.paused) > _PAUSED_KEPT:
+                    del self.paused[next(iter(self.paused))]
         return state
 
     def report_empty(self, state: _SlideState) -> None:

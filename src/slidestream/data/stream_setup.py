@@ -50,7 +50,7 @@ def prepare_masks(stream: Any, workers: int) -> list[str]:
     from slidestream.parallel import process_pool
 
     args = [(e, stream.backend, stream.tissue, str(stream.mask_dir)) for e in stream.cohort]
-    failed = []
+    failed, dropped = [], []
     with process_pool(workers) as pool:
         results = pool.map(_mask_job, *zip(*args, strict=True))
         for entry, err in tqdm(
@@ -61,6 +61,7 @@ def prepare_masks(stream: Any, workers: int) -> list[str]:
         ):
             if err:
                 failed.append(f"{entry.path}: {err}")
-    stream.cohort = stream.cohort.without(Path(f.split(": ", 1)[0]) for f in failed)
+                dropped.append(entry.path)
+    stream.cohort = stream.cohort.without(dropped)
     stream.cohort.problems.extend(failed)
     return failed

@@ -33,24 +33,12 @@ from slidestream.io import Slide, open_slide
 from slidestream.models.mil import create_encoder
 from slidestream.sampling import Cohort, GridPatchSampler, PatchLocation
 from slidestream.sampling.naming import output_stems, path_hash
+from slidestream.sampling.shards import parse_shard as parse_shard
 from slidestream.tissue import detect_tissue
 
 __all__ = ["FeatureExtractor", "FeatureReport", "extract_cohort", "parse_shard", "weights_hash"]
 
 log = logging.getLogger(__name__)
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """``"i/n"`` → (i, n) with 0 <= i < n; None → this torchrun rank (RANK/WORLD_SIZE) or 0/1."""
-    if text is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if not 0 <= i < n:
-        raise ConfigError(f"--shard must be i/n with 0 <= i < n (e.g. 0/4), got {text!r}")
-    return i, n
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from slidestream.errors import BackendUnavailableError, ConfigError, SlideOpenError
 from slidestream.io._pixels import RefusedFileError
@@ -12,6 +13,7 @@ from slidestream.io.base import Slide
 from slidestream.io.image import ImageSlide
 from slidestream.io.openslide import OpenSlideSlide
 from slidestream.io.pyvips import PyvipsSlide
+from slidestream.io.remote import RemotePath, is_url
 from slidestream.io.tiffslide import TiffSlideSlide
 
 __all__ = [
@@ -39,17 +41,20 @@ _OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm",
 SLIDE_SUFFIXES = frozenset(_TIFF_SUFFIXES | _IMAGE_SUFFIXES | _OPENSLIDE_SUFFIXES)
 
 
-def find_slides(inputs: list[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
+def find_slides(inputs: list[str | os.PathLike[str]], recursive: bool = False) -> list[Any]:
     """Expand files, folders and globs into slide paths, in a stable order.
 
     Folders contribute files with a slide suffix; the files of one DICOM slide (a folder of
     ``.dcm`` instances) count once. A path that does not exist is returned as is, so that the
-    caller reports it.
+    caller reports it. URLs come back as :class:`~slidestream.io.remote.RemotePath`, unchecked.
     """
     import glob
 
-    found: list[Path] = []
+    found: list[Any] = []
     for item in inputs:
+        if is_url(item):  # kept as given (a RemotePath); folders and globs of URLs are not expanded
+            found.append(item if isinstance(item, RemotePath) else RemotePath(str(item)))
+            continue
         item = Path(item)
         if item.is_dir():
             pattern = "**/*" if recursive else "*"
@@ -100,17 +105,22 @@ def open_slide(
     *,
     mpp: float | None = None,
     resample: str = "bilinear",
+    cache_dir: str | os.PathLike[str] | bool | None = None,
 ) -> Slide:
-    """Open a whole-slide image.
+    """Open a whole-slide image: a local file, or an ``s3://``, ``gs://`` or ``http(s)://`` URL.
 
     ``backend`` is ``"auto"`` (the fastest reader that opens the file) or one of
     :func:`list_backends`. ``mpp`` (µm per level-0 pixel) overrides the file's own value and is
     required for mpp-based reads of files that carry none. ``resample`` is the filter used
-    when a read needs resizing.
+    when a read needs resizing. URLs are read by tiffslide through fsspec with a block cache in
+    ``cache_dir`` (see :mod:`slidestream.io.remote`; needs the ``remote`` extra). Raises
+    SlideOpenError (file missing or unreadable by every reader) or ConfigError (bad option).
     """
-    path = Path(path)
     if backend != "auto" and backend not in BACKENDS:
         raise ConfigError(f"backend must be 'auto' or one of {list_backends()}, got {backend!r}")
+    if is_url(path):
+        return _open_url(path, backend, mpp, resample, cache_dir)
+    path = Path(path)
     if not path.exists():
         raise SlideOpenError(f"slide not found: {path}")
     if path.is_dir():
@@ -134,6 +144,24 @@ def open_slide(
         else "try backend='auto'"
     )
     raise SlideOpenError(f"cannot open {path} ({tried}); {hint}") from None
+
+
+def _open_url(
+    url: str | os.PathLike[str],
+    backend: str,
+    mpp: float | None,
+    resample: str,
+    cache_dir: str | os.PathLike[str] | bool | None,
+) -> Slide:
+    if backend not in ("auto", "tiffslide"):
+        raise ConfigError(
+            f"{url}: URLs are read by the tiffslide backend; use backend 'auto' or 'tiffslide', "
+            f"not {backend!r}"
+        )
+    path = url if isinstance(url, RemotePath) else RemotePath(str(url))
+    if cache_dir is not None:
+        path = RemotePath(path.url, cache_dir)
+    return TiffSlideSlide(path, mpp=mpp, resample=resample)
 
 
 def _short(exc: Exception, path: Path, name: str) -> str:

@@ -16,7 +16,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,6 +28,7 @@ from slidestream.errors import (
     SlideReadError,
 )
 from slidestream.io._pixels import RGB8, PixelFormat, to_rgb
+from slidestream.io.remote import as_slide_path
 from slidestream.types import SlideInfo
 
 __all__ = ["Slide", "LevelLayout", "RESAMPLE_FILTERS", "snap_downsample", "plausible_mpp"]
@@ -111,7 +111,7 @@ class Slide(ABC):
     def __init__(
         self, path: str | os.PathLike[str], *, mpp: float | None = None, resample: str = "bilinear"
     ) -> None:
-        self.path = Path(path)
+        self.path: Any = as_slide_path(path)  # a Path, or a RemotePath for URLs
         if mpp is not None and plausible_mpp(mpp) is None:
             raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
         if resample not in RESAMPLE_FILTERS:
@@ -171,6 +171,7 @@ class Slide(ABC):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
+        state.pop("_remote_file", None)  # a URL's open file: each process opens its own
         state["_handle"] = None
         state["_pid"] = None
         return state

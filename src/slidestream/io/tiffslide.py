@@ -15,6 +15,7 @@ from slidestream.errors import SlideOpenError
 from slidestream.io._integrity import tile_index
 from slidestream.io._pixels import PixelFormat, from_tiff_page
 from slidestream.io.base import LevelLayout, Slide, import_backend, plausible_mpp
+from slidestream.io.remote import RemotePath, open_remote
 
 __all__ = ["TiffSlideSlide"]
 
@@ -28,10 +29,22 @@ class TiffSlideSlide(Slide):
 
     def _open(self) -> Any:
         tiffslide = _import()
+        remote = open_remote(self.path) if isinstance(self.path, RemotePath) else None
         try:
-            return tiffslide.TiffSlide(str(self.path))
+            handle = tiffslide.TiffSlide(remote if remote is not None else str(self.path))
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, KeyError, ...
+            if remote is not None:
+                remote.close()
             raise SlideOpenError(f"tiffslide cannot open {self.path}: {exc}") from exc
+        if remote is not None:
+            self._remote_file = remote  # closed with the handle
+        return handle
+
+    def _close(self, handle: Any) -> None:
+        handle.close()
+        remote = self.__dict__.pop("_remote_file", None)
+        if remote is not None:
+            remote.close()
 
     def _describe(self, handle: Any) -> LevelLayout:
         levels = _check_decodable(handle, self.path)
@@ -48,7 +61,9 @@ class TiffSlideSlide(Slide):
             properties=props,
             associated=tuple(handle.associated_images.keys()),
             pixels=pixels,
-            tiles=tile_index(levels, self.path),
+            # a URL's tiles are not pre-checked (that reads the file's raw bytes); damaged
+            # ones still fail their decode with SlideReadError
+            tiles=None if isinstance(self.path, RemotePath) else tile_index(levels, self.path),
         )
 
     def _read_level(

@@ -32,6 +32,9 @@ from slidestream.sampling.cohort import (
 )
 from slidestream.sampling.grid import GridPatchSampler as GridPatchSampler
 from slidestream.sampling.random import RandomPatchSampler as RandomPatchSampler
+from slidestream.sampling.shards import parse_shard as parse_shard
+from slidestream.sampling.shards import shard_items as shard_items
+from slidestream.sampling.shards import shard_path as shard_path
 from slidestream.sampling.splits import (
     parse_split as parse_split,
 )

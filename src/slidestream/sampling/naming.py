@@ -15,7 +15,8 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
+
+from slidestream.io.remote import as_slide_path
 
 __all__ = ["output_stems", "path_hash"]
 
@@ -23,15 +24,14 @@ __all__ = ["output_stems", "path_hash"]
 def path_hash(path: str | os.PathLike[str], n: int = 8) -> str:
     """``n`` hex digits identifying the resolved ``path`` (stable across runs and machines
     for the same absolute path)."""
-    return hashlib.sha1(str(Path(path).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[
-        :n
-    ]
+    key = str(as_slide_path(path).resolve())  # a URL is its own key
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:n]
 
 
 def output_stems(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """One output stem per path, in order: the file's stem where it is unique among ``paths``,
     ``<stem>-<hash of the resolved path>`` where two or more different paths share it."""
-    paths = [Path(p) for p in paths]
+    paths = [as_slide_path(p) for p in paths]
     stems = [p.stem for p in paths]
     distinct = {s.casefold(): set() for s in stems}
     for p, s in zip(paths, stems, strict=True):

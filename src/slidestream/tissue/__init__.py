@@ -58,7 +58,9 @@ def detect_tissue(
     """Detect tissue on a low-resolution image of ``slide``.
 
     With ``cache_dir`` the mask is stored there as ``<stem>.<key>.tissue.png`` + ``.json`` and
-    reused while the slide file, its mpp, the method and its parameters are unchanged. A mask
+    reused while the slide file, its mpp, the method and its parameters are unchanged. The key
+    is of the file itself (resolved path, size, mtime), so symbolic links to one file under
+    other names share its mask; ``<stem>`` is that file's. A mask
     with less than ``NEAR_EMPTY`` tissue (computed or cached) is named in a warning.
     """
     detector = method if isinstance(method, TissueDetector) else create_detector(method, **params)
@@ -95,7 +97,8 @@ def _detect_or_load(
 ) -> TissueMask:
     if cache_dir is None:
         return detector.detect(slide)
-    path = Path(cache_dir) / f"{slide.path.stem}.{_cache_key(slide, detector)}.tissue.png"
+    # named after the file a link points to: links to one file (under any name) share a mask
+    path = Path(cache_dir) / f"{slide.path.resolve().stem}.{_cache_key(slide, detector)}.tissue.png"
     if path.exists() and path.with_suffix(".json").exists():
         try:
             return TissueMask.load(path)
