@@ -15,14 +15,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Grid patches inside tissue, a frozen encoder (a torchvision "
         "name, name@stage for a cut ResNet, timm/<name>, or mean_rgb), one "
         "DIR/<slide>.h5 per slide with features (N, D), coords (N, 2) in "
-        "level-0 px and the settings. Finished slides are skipped; "
+        "level-0 px and the settings. Foundation models by name (uni, uni2-h, conch_v1_5, "
+        "virchow2, h-optimus-0, prov-gigapath, phikon-v2, ctranspath; --weights hf loads "
+        "them from the Hugging Face cache) bring their own patch size, mpp and normalisation. Finished slides are skipped; "
         "--shard i/n (or torchrun) splits the cohort without overlap.",
     )
     p.add_argument("cohort", help="slides, globs, folders, or a CSV/TSV with a 'slide' column")
     p.add_argument("--encoder", default="resnet50", help="encoder name (default: resnet50)")
-    p.add_argument("--weights", default=None, help="weights file, torchvision name or timm tag")
-    p.add_argument("--mpp", type=positive_float, default=0.5, help="µm/px of the patches (0.5)")
-    p.add_argument("--size", type=int, default=224, help="patch size in px (224)")
+    p.add_argument(
+        "--weights", default=None, help="weights file, torchvision name, timm tag, or hf"
+    )
+    p.add_argument(
+        "--mpp", type=positive_float, default=None, help="µm/px of the patches (the encoder's, 0.5)"
+    )
+    p.add_argument("--size", type=int, default=None, help="patch px (the encoder's input, 224)")
     p.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder of <stem>.h5 feature files"
     )
@@ -58,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     extractor = FeatureExtractor(
         args.encoder,
         weights=args.weights,
-        mpp=args.mpp,
+        mpp="encoder" if args.mpp is None else args.mpp,
         size=args.size,
         min_tissue=args.min_tissue,
         batch_size=args.batch_size,

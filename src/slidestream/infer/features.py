@@ -92,10 +92,14 @@ class FeatureReport:
 class FeatureExtractor:
     """A frozen encoder ready to turn slides into feature files.
 
-    ``mpp`` µm/px (None: native pixels) and ``size`` px define the patches; ``min_tissue`` the
-    tissue fraction a patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features.
-    The encoder is built under seed 0, so a random-init encoder has the same weights (and
-    weights hash) in every run: resuming and prediction recompute the same features.
+    ``mpp`` µm/px (None: native pixels; ``"encoder"``: the encoder's own, 0.5 unless
+    :data:`~slidestream.models.encoders.ENCODERS` says otherwise) and ``size`` px (None: the
+    encoder's input size, else 224) define the patches; ``min_tissue`` the tissue fraction a
+    patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features. Patches are
+    normalised with the encoder's mean/std (ImageNet unless its registry entry differs); the
+    settings, normalisation and output feature go into :attr:`attrs`. The encoder is built
+    under seed 0, so a random-init encoder has the same weights (and weights hash) in every
+    run: resuming and prediction recompute the same features.
     """
 
     def __init__(
@@ -103,8 +107,8 @@ class FeatureExtractor:
         encoder: str,
         *,
         weights: str | None = None,
-        mpp: float | None = 0.5,
-        size: int = 224,
+        mpp: float | None | str = "encoder",
+        size: int | None = None,
         min_tissue: float = 0.5,
         batch_size: int = 64,
         workers: int = 2,
@@ -112,10 +116,20 @@ class FeatureExtractor:
         device: str = "auto",
         backend: str = "auto",
     ) -> None:
+        from slidestream.models.encoders import ENCODERS
+
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
         if batch_size < 1 or workers < 0:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
+        spec = ENCODERS.get(encoder)
+        if isinstance(mpp, str):
+            if mpp != "encoder":
+                raise ConfigError(f"mpp must be a number, None or 'encoder', got {mpp!r}")
+            mpp = spec.mpp if spec else 0.5
+        size = size or (spec.size if spec else 224)
+        self.mean = spec.mean if spec else IMAGENET_MEAN
+        self.std = spec.std if spec else IMAGENET_STD
         self.sampler = GridPatchSampler(size, mpp, min_tissue=min_tissue)
         self.device = resolve_device(device)
         with torch.random.fork_rng(devices=[]):  # random init is the same in every run
@@ -134,7 +148,8 @@ class FeatureExtractor:
             "mpp": float(mpp or 0.0),
             "size": size,
             "min_tissue": min_tissue,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "output": spec.output if spec else "pooled",
         }
 
     @torch.no_grad()
@@ -153,7 +168,7 @@ class FeatureExtractor:
         out = []
         for batch in loader:
             with amp:
-                feats = self.model(normalize(batch, device=self.device))
+                feats = self.model(normalize(batch, self.mean, self.std, device=self.device))
             out.append(feats.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
