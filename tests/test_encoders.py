@@ -286,3 +286,28 @@ def test_named_encoder_warning_points_at_the_hf_cache(caplog, monkeypatch):
         create_encoder("uni")
     msgs = [r.getMessage() for r in caplog.records]
     assert any("encoder uni has random weights" in m and "--weights hf" in m for m in msgs)
+
+
+def test_features_cli_without_weights_is_not_silent(tmp_path):
+    import subprocess
+
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 384, 320, mpp=1.0, seed=5, tumour=1)
+    cmd = [sys.executable, "-m", "slidestream", "features", str(slide), "--encoder"]
+    opts = ["--mpp", "2", "--size", "32", "--workers", "0", "--device", "cpu"]
+    run = subprocess.run(
+        [*cmd, "resnet18@layer1", *opts, "--out", str(tmp_path / "f")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if "random weights" in ln]
+    assert len(lines) == 1 and "encoder resnet18@layer1" in lines[0], run.stderr
+    assert "--weights DEFAULT" in lines[0]
+    quiet = subprocess.run(
+        [*cmd, "mean_rgb", *opts, "--out", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert quiet.returncode == 0 and "random weights" not in quiet.stderr
