@@ -1,0 +1,155 @@
+"""Stain normalisation: Macenko, Reinhard, Vahadane; targets as JSON; background kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from slidestream.data.stain import (
+    METHODS,
+    StainNormalizer,
+    StainTarget,
+    _from_od,
+    _macenko_matrix,
+    _nonneg_lasso,
+    _vahadane_matrix,
+    load_stain_target,
+    optical_density,
+)
+from slidestream.errors import ConfigError
+from slidestream.synthetic import write_synthetic_slide
+
+
+def _unit(m):
+    m = np.asarray(m, float)
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+M_TARGET = _unit([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+M_SOURCE = _unit([[0.50, 0.80, 0.35], [0.20, 0.95, 0.25]])
+
+
+def _concentrations(seed=0, n=64 * 64):
+    rng = np.random.default_rng(seed)
+    c, kind = np.zeros((n, 2)), rng.integers(0, 3, n)
+    c[kind == 0, 0] = rng.gamma(2, 0.4, (kind == 0).sum())
+    c[kind == 1, 1] = rng.gamma(2, 0.3, (kind == 1).sum())
+    c[kind == 2] = rng.gamma(2, 0.3, ((kind == 2).sum(), 2))
+    c[:400] = 0  # a band of glass
+    return c
+
+
+def _image(m, c):
+    return _from_od(c @ m).reshape(64, 64, 3)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    c = _concentrations()
+    return _image(M_TARGET, c), _image(M_SOURCE, 1.3 * c)  # same tissue, other stain + strength
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_normalised_patch_moves_to_the_target(pair, method):
+    target, source = pair
+    norm = StainNormalizer(StainTarget.fit(method, target))
+    out = norm(source)
+    assert out.dtype == np.uint8 and out.shape == source.shape
+    before = np.abs(source.astype(int) - target).mean()
+    after = np.abs(out.astype(int) - target).mean()
+    assert after < 0.35 * before, (before, after)
+    np.testing.assert_array_equal(norm(source), out)  # deterministic
+    np.testing.assert_array_equal(out.reshape(-1, 3)[:400], source.reshape(-1, 3)[:400])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stain_statistics_move_to_the_target(pair, method):
+    target, source = pair
+    tgt = StainTarget.fit(method, target)
+    out = StainNormalizer(tgt)(source)
+    got, src = StainTarget.fit(method, out), StainTarget.fit(method, source)
+    if method == "reinhard":
+        np.testing.assert_allclose(got.lab_mean, tgt.lab_mean, atol=1.0)
+        np.testing.assert_allclose(got.lab_std, tgt.lab_std, rtol=0.1)  # gamut clipping
+        assert np.abs(np.subtract(src.lab_mean, tgt.lab_mean)).max() > 3  # it had somewhere to go
+    else:
+        assert np.abs(np.subtract(got.stain_matrix, tgt.stain_matrix)).max() < 0.02
+        assert np.abs(np.subtract(src.stain_matrix, tgt.stain_matrix)).max() > 0.1
+        np.testing.assert_allclose(got.max_conc, tgt.max_conc, rtol=0.03)
+
+
+@pytest.mark.parametrize("estimate", [_macenko_matrix, _vahadane_matrix])
+def test_stain_vectors_are_recovered(estimate):
+    od = optical_density(_image(M_SOURCE, _concentrations(3)).reshape(-1, 3))
+    m = estimate(od[od.max(1) > 0.15])
+    assert np.abs(m - M_SOURCE).max() < 0.02, m  # haematoxylin first
+
+
+def test_nonneg_lasso_is_exact():
+    from sklearn.linear_model import Lasso
+
+    rng = np.random.default_rng(1)
+    od = np.abs(rng.normal(0.4, 0.4, (30, 3)))
+    lam = 0.06
+    ours = _nonneg_lasso(od, M_TARGET, lam)
+    for i in range(len(od)):  # sklearn: 1/(2n)||y - Xw||^2 + a|w|, n = 3  ->  lam = 6a
+        ref = Lasso(alpha=lam / 6, positive=True, fit_intercept=False, tol=1e-10, max_iter=10**5)
+        ref.fit(M_TARGET.T, od[i])
+        np.testing.assert_allclose(ours[i], ref.coef_, atol=1e-5)
+    assert (ours >= 0).all()
+
+
+def test_background_and_empty_patches_are_unchanged(pair):
+    norm = StainNormalizer(StainTarget.fit("macenko", pair[0]))
+    glass = np.full((32, 32, 3), 240, np.uint8)
+    glass[3, 3] = (120, 60, 140)  # a few stained pixels are not enough to fit on
+    np.testing.assert_array_equal(norm(glass), glass)
+    with pytest.raises(ConfigError, match="uint8"):
+        norm(glass.astype(np.float32))
+    with pytest.raises(ConfigError, match="stained pixels"):
+        StainTarget.fit("vahadane", glass, source="glass.png")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_target_round_trips_through_json(pair, method, tmp_path):
+    tgt = StainTarget.fit(method, pair[0], source="t.png", mpp=0.5)
+    back = StainTarget.from_json(tgt.to_json(tmp_path / "stain.json"))
+    assert back == tgt
+    np.testing.assert_array_equal(StainNormalizer(back)(pair[1]), StainNormalizer(tgt)(pair[1]))
+
+
+def test_bad_targets_are_one_line(tmp_path, pair):
+    with pytest.raises(ConfigError, match="--stain-norm must be one of"):
+        StainTarget.fit("ruifrok", pair[0])
+    (tmp_path / "x.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="x.json is not a stain target"):
+        StainTarget.from_json(tmp_path / "x.json")
+    with pytest.raises(ConfigError, match="go together"):
+        load_stain_target("macenko", None)
+    with pytest.raises(ConfigError, match="not found"):
+        load_stain_target("macenko", tmp_path / "none.png")
+    saved = StainTarget.fit("reinhard", pair[0]).to_json(tmp_path / "r.json")
+    with pytest.raises(ConfigError, match="reinhard target, not macenko"):
+        load_stain_target("macenko", saved)
+    assert load_stain_target(None, None) is None
+    assert load_stain_target(None, saved).target.method == "reinhard"
+
+
+def test_target_from_an_image_and_from_slide_tissue(tmp_path, pair):
+    png = tmp_path / "target.png"
+    Image.fromarray(pair[0]).save(png)
+    norm = load_stain_target("vahadane", png, save_to=tmp_path / "run")
+    saved = StainTarget.from_json(tmp_path / "run" / "stain.json")
+    assert saved == norm.target and saved.source == str(png)
+    slide = write_synthetic_slide(tmp_path / "s.tiff", 1200, 1000, mpp=0.5, seed=4, tumour=1)
+    from_slide = load_stain_target("macenko", slide, mpp=1.0).target
+    assert from_slide.mpp == 1.0 and from_slide.source == str(slide)
+    assert np.asarray(from_slide.stain_matrix).shape == (2, 3)
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    blank = tmp_path / "glass.tiff"
+    tifffile.imwrite(blank, (235 + rng.integers(0, 6, (500, 600, 3))).astype(np.uint8))
+    with pytest.raises(ConfigError, match="no tissue found in stain target"):
+        load_stain_target("macenko", blank)
