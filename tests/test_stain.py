@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -153,3 +155,34 @@ def test_target_from_an_image_and_from_slide_tissue(tmp_path, pair):
     tifffile.imwrite(blank, (235 + rng.integers(0, 6, (500, 600, 3))).astype(np.uint8))
     with pytest.raises(ConfigError, match="no tissue found in stain target"):
         load_stain_target("macenko", blank)
+
+
+# --- through the command line -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stain_cli")
+    slide = write_synthetic_slide(d / "s.tiff", 640, 512, mpp=1.0, seed=11, tumour=1)
+    target = write_synthetic_slide(d / "t.tiff", 640, 512, mpp=1.0, seed=12, texture="inflamed")
+    return slide, target
+
+
+def test_features_cli_normalises_and_saves_the_target(tiny, tmp_path):
+    from slidestream.cli import main
+    from slidestream.data.features import feature_path, read_features
+
+    slide, target = tiny
+    base = ["features", str(slide), "--encoder", "mean_rgb", "--mpp", "2", "--size", "32"]
+    base += ["--workers", "0", "--device", "cpu", "--dtype", "float32"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    stain = ["--stain-norm", "reinhard", "--stain-target", str(target)]
+    assert main([*base, *stain, "--out", str(tmp_path / "norm")]) == 0
+    saved = StainTarget.from_json(tmp_path / "norm" / "stain.json")
+    assert saved.method == "reinhard" and saved.source == str(target) and saved.mpp == 2.0
+    plain, _, _ = read_features(feature_path(tmp_path / "plain", slide))
+    normed, _, attrs = read_features(feature_path(tmp_path / "norm", slide))
+    assert (
+        attrs["stain"] == saved.tag
+        and StainTarget.from_dict(json.loads(attrs["stain_target"])) == saved
+    )
+    assert plain.shape == normed.shape and np.abs(plain - normed).max() > 0.05
+    assert main([*base, "--out", str(tmp_path / "norm")]) == 1  # other settings: refused

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_backend_option, error_line, positive_float
+from slidestream.cli._common import (
+    add_backend_option,
+    add_stain_options,
+    error_line,
+    positive_float,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, metavar="I/N", help="do every N-th slide from I")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add_backend_option(p)
+    add_stain_options(p)
     p.set_defaults(func=run)
 
 
@@ -72,6 +78,14 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         backend=args.backend,
+    )
+    from slidestream.data.stain import load_stain_target
+
+    mpp = extractor.sampler.mpp
+    extractor.set_stain(
+        load_stain_target(
+            args.stain_norm, args.stain_target, mpp=mpp, backend=args.backend, save_to=args.out
+        )
     )
     bar = tqdm(total=len(cohort.slides[shard[0] :: shard[1]]), desc="features", unit="slide")
     report = extract_cohort(cohort, args.out, extractor, shard, lambda s, n: bar.update(1))

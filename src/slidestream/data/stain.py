@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,6 +176,15 @@ class StainTarget:
         mx = np.percentile(conc, 99, axis=0)
         return cls(method, tuple(_tup(r) for r in m), _tup(mx), source=source, mpp=mpp)
 
+    @property
+    def tag(self) -> str:
+        """``method:hash`` (12 hex of the fitted numbers): names this target in file attributes."""
+        import hashlib
+
+        nums = {k: v for k, v in asdict(self).items() if k not in ("source", "mpp")}
+        digest = hashlib.sha1(json.dumps(nums, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.method}:{digest}"
+
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write this target to ``path`` (JSON) and return the path."""
         path = Path(path)
@@ -182,14 +192,21 @@ class StainTarget:
         return path
 
     @classmethod
+    def from_dict(cls, data: dict) -> StainTarget:
+        """The target of ``data`` (what :func:`dataclasses.asdict` or the JSON file hold)."""
+
+        def tup(key: str, v: object) -> object:
+            if not isinstance(v, list):
+                return v
+            return tuple(map(tuple, v)) if key == "stain_matrix" else tuple(v)
+
+        return cls(**{k: tup(k, v) for k, v in data.items()})
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> StainTarget:
         """The target saved at ``path``. Raises ConfigError naming the file when it is not one."""
         try:
-            data = json.loads(Path(path).read_text())
-            nested = ("stain_matrix",)
-            fields = {k: (tuple(map(tuple, v)) if k in nested else tuple(v))
-                      if isinstance(v, list) else v for k, v in data.items()}  # fmt: skip
-            return cls(**fields)
+            return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(
                 f"{path} is not a stain target JSON ({exc}); refit it with --stain-target IMAGE"
@@ -229,7 +246,9 @@ class StainNormalizer:
             lab = (lab - mean) / std * np.asarray(self.target.lab_std) + np.asarray(
                 self.target.lab_mean
             )
-            rgb = lab2rgb(lab.reshape(-1, 1, 3)).reshape(-1, 3)
+            with warnings.catch_warnings():  # out-of-gamut values are clipped, as intended
+                warnings.simplefilter("ignore", UserWarning)
+                rgb = lab2rgb(lab.reshape(-1, 1, 3)).reshape(-1, 3)
             out[tissue] = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
             return out
         _, conc = _stains(self.target.method, od[tissue])
@@ -243,7 +262,7 @@ _IMAGES = (".png", ".jpg", ".jpeg", ".bmp")
 
 def _target_pixels(path: Path, mpp: float | None, backend: str) -> np.ndarray:
     """Pixels to fit on: a whole image file, or up to 8 of the most tissue-covered 512 px grid
-    patches of a slide read at ``mpp`` µm/px (None: level 0)."""
+    patches (smaller for a small slide) of a slide read at ``mpp`` µm/px (None: level 0)."""
     from slidestream.io import open_slide
     from slidestream.sampling import GridPatchSampler, PatchLocation
     from slidestream.tissue import detect_tissue
@@ -254,7 +273,9 @@ def _target_pixels(path: Path, mpp: float | None, backend: str) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     slide = open_slide(path, backend=backend)
-    sampler = GridPatchSampler(512, mpp, min_tissue=0.25, cover_edges=False)
+    scale = slide.mpp[0] / mpp if mpp and slide.mpp else 1.0  # level-0 px → output px
+    size = int(max(16, min(512, min(slide.dimensions) * scale)))  # small slides: smaller tiles
+    sampler = GridPatchSampler(size, mpp, min_tissue=0.25, cover_edges=False)
     locs = sampler.locations(slide, detect_tissue(slide, cache_dir=None))
     if len(locs) == 0:
         raise ConfigError(f"no tissue found in stain target {path}; pass another --stain-target")

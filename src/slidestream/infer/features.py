@@ -12,6 +12,7 @@ no slide is done twice; unreadable slides are listed, not fatal.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -60,10 +61,13 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 class _Patches(Dataset):
-    """Grid patches of one slide as uint8 (3, H, W); each worker opens its own handle."""
+    """Grid patches of one slide as uint8 (3, H, W), stain-normalised when ``stain`` is given;
+    each worker opens its own handle."""
 
-    def __init__(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> None:
-        self.slide, self.sampler, self.xy = slide, sampler, xy
+    def __init__(
+        self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray, stain: Any = None
+    ) -> None:
+        self.slide, self.sampler, self.xy, self.stain = slide, sampler, xy, stain
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -71,6 +75,8 @@ class _Patches(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         x, y = (int(v) for v in self.xy[i])
         pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
+        if self.stain is not None:
+            pixels = self.stain(pixels)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
@@ -97,7 +103,8 @@ class FeatureExtractor:
     encoder's input size, else 224) define the patches; ``min_tissue`` the tissue fraction a
     patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features. Patches are
     normalised with the encoder's mean/std (ImageNet unless its registry entry differs); the
-    settings, normalisation and output feature go into :attr:`attrs`. The encoder is built
+    settings, normalisation and output feature go into :attr:`attrs` (stain normalisation:
+    :meth:`set_stain`). The encoder is built
     under seed 0, so a random-init encoder has the same weights (and weights hash) in every
     run: resuming and prediction recompute the same features.
     """
@@ -141,6 +148,7 @@ class FeatureExtractor:
             dtype,
             backend,
         )
+        self.stain: Any = None
         self.attrs: dict[str, Any] = {
             "encoder": encoder,
             "weights": str(weights) if weights else "none",
@@ -150,14 +158,28 @@ class FeatureExtractor:
             "min_tissue": min_tissue,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "output": spec.output if spec else "pooled",
+            "stain": "none",
         }
+
+    def set_stain(self, stain: Any) -> None:
+        """Stain-normalise every patch with ``stain`` (a
+        :class:`~slidestream.data.stain.StainNormalizer`, or None for none); its ``method:hash``
+        goes into :attr:`attrs` as ``stain`` and the target as ``stain_target`` JSON."""
+        from dataclasses import asdict
+
+        self.stain = stain
+        self.attrs["stain"] = stain.target.tag if stain is not None else "none"
+        if stain is not None:
+            self.attrs["stain_target"] = json.dumps(asdict(stain.target))
+        else:
+            self.attrs.pop("stain_target", None)
 
     @torch.no_grad()
     def encode(self, slide: Slide, xy: np.ndarray) -> np.ndarray:
         """(N, D) float32 features of the patches at ``xy`` (level-0 px) of ``slide``."""
         cuda = self.device.type == "cuda"
         loader = DataLoader(
-            _Patches(slide, self.sampler, xy),
+            _Patches(slide, self.sampler, xy, self.stain),
             batch_size=self.batch_size,
             num_workers=self.workers,
             pin_memory=cuda,
@@ -177,9 +199,9 @@ class FeatureExtractor:
         if not path.is_file():
             return False
         _, _, attrs = read_features(path)
-        keys = ("encoder", "weights_hash", "mpp", "size")
-        if any(attrs.get(k) != self.attrs[k] for k in keys):
-            theirs = {k: attrs.get(k) for k in keys}
+        keys = ("encoder", "weights_hash", "mpp", "size", "stain")
+        theirs = {k: attrs.get(k, "none" if k == "stain" else None) for k in keys}
+        if any(theirs[k] != self.attrs[k] for k in keys):
             raise ConfigError(
                 f"{path} holds features made with {theirs}; use another --out for these settings"
             )
