@@ -72,7 +72,7 @@ def test_stain_statistics_move_to_the_target(pair, method):
     out = StainNormalizer(tgt)(source)
     got, src = StainTarget.fit(method, out), StainTarget.fit(method, source)
     if method == "reinhard":
-        np.testing.assert_allclose(got.lab_mean, tgt.lab_mean, atol=1.0)
+        np.testing.assert_allclose(got.lab_mean, tgt.lab_mean, atol=1.5)  # the tissue set moves
         np.testing.assert_allclose(got.lab_std, tgt.lab_std, rtol=0.1)  # gamut clipping
         assert np.abs(np.subtract(src.lab_mean, tgt.lab_mean)).max() > 3  # it had somewhere to go
     else:
@@ -186,3 +186,86 @@ def test_features_cli_normalises_and_saves_the_target(tiny, tmp_path):
     )
     assert plain.shape == normed.shape and np.abs(plain - normed).max() > 0.05
     assert main([*base, "--out", str(tmp_path / "norm")]) == 1  # other settings: refused
+
+
+def test_patches_train_patches_and_predict_carry_the_target(tiny, tmp_path, capsys):
+    import torch
+
+    from slidestream.cli import main
+    from slidestream.data.hdf5 import PatchDatabase
+    from slidestream.infer import PatchPredictor
+    from slidestream.models.checkpoint import load_checkpoint
+
+    slide, target = tiny
+    csv = tmp_path / "c.csv"
+    csv.write_text(f"slide,label\n{slide},tumour\n{target},normal\n")
+    common = ["patches", str(csv), "--mpp", "2", "--size", "32", "--grid", "32"]
+    assert main([*common, "--out", str(tmp_path / "plain" / "db.h5")]) == 0
+    stain = ["--stain-norm", "macenko", "--stain-target", str(target)]
+    assert main([*common, *stain, "--out", str(tmp_path / "norm" / "db.h5")]) == 0
+    saved = StainTarget.from_json(tmp_path / "norm" / "stain.json")
+    plain, normed = (
+        PatchDatabase(tmp_path / "plain" / "db.h5"),
+        PatchDatabase(tmp_path / "norm" / "db.h5"),
+    )
+    assert normed.params["stain"]["tag"] == saved.tag and len(plain) == len(normed)
+    raw, got = plain[3]["image"], normed[3]["image"]
+    expect = StainNormalizer(saved)(np.ascontiguousarray(raw.permute(1, 2, 0).numpy()))
+    assert torch.equal(got, torch.from_numpy(expect).permute(2, 0, 1)) and not torch.equal(raw, got)
+
+    train = ["train-patches", "--data", str(tmp_path / "norm" / "db.h5"), "--model", "resnet18"]
+    train += ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--workers", "0"]
+    assert main([*train, "--out", str(tmp_path / "runs"), "--name", "s"]) == 0
+    run = tmp_path / "runs" / "s"
+    assert StainTarget.from_json(run / "stain.json") == saved  # inherited from the database
+    ckpt = run / "best.pt" if (run / "best.pt").exists() else run / "last.pt"
+    assert StainTarget.from_dict(load_checkpoint(ckpt)["stain"]) == saved
+    assert PatchPredictor(ckpt, workers=0).stain is not None  # predict reloads it
+    assert PatchPredictor(ckpt, workers=0, stain=None).stain is None
+    pred = ["predict", str(ckpt), str(slide), "--workers", "0", "--out", str(tmp_path / "p")]
+    assert main(pred) == 0
+    other = ["--stain-norm", "reinhard", "--stain-target", str(slide)]
+    assert main([*pred[:-1], str(tmp_path / "q"), *other]) == 0
+    assert StainTarget.from_json(tmp_path / "q" / "stain.json").method == "reinhard"
+    capsys.readouterr()
+
+
+def test_train_patches_streamed_from_slides_normalises_train_and_val(tiny, tmp_path):
+    from slidestream.data.transforms import StainNormalize
+    from slidestream.train.patch_config import PatchTrainConfig
+    from slidestream.train.patches import _load_data
+
+    slide, target = tiny
+    csv = tmp_path / "c.csv"
+    csv.write_text(f"slide,label\n{slide},tumour\n{target},normal\n")
+    cfg = PatchTrainConfig(
+        data=str(csv), val_data=str(csv), size=32, mpp=2.0, stain_norm="vahadane",
+        stain_target=str(target), augmentation="none",
+    )  # fmt: skip
+    data = _load_data(cfg)
+    assert isinstance(data.train.transform, StainNormalize) and data.stain["method"] == "vahadane"
+    assert data.val.transform is data.train.transform and data.stain["mpp"] == 2.0
+    with pytest.raises(ConfigError, match="stain_norm must be one of"):
+        PatchTrainConfig(data=str(csv), stain_norm="ruifrok")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_real_he_patch_restained_comes_back(shared_data, method):
+    """A real H&E patch with its stains changed (other vectors, H x1.3, E x0.8) normalised to
+    the original comes back to within the two-stain model's own reconstruction error."""
+    from slidestream.data.stain import _tissue
+    from slidestream.io import open_slide
+
+    patch = open_slide(shared_data / "cmu_small_region.svs").read(800, 1200, 224, 224)
+    od = optical_density(patch)
+    tissue = _tissue(patch, od)
+    m = _macenko_matrix(od[tissue])
+    conc = np.linalg.lstsq(m.T, od[tissue].T, rcond=None)[0].T
+    other = _unit(m + [[0.0, 0.1, 0.15], [0.1, 0.0, -0.1]])
+    restained = patch.copy()
+    restained[tissue] = _from_od(conc * [1.3, 0.8] @ other)
+    norm = StainNormalizer(StainTarget.fit(method, patch))
+    floor = np.abs(norm(patch).astype(int) - patch).mean()  # 0 for reinhard, ~3-5 otherwise
+    before = np.abs(restained.astype(int) - patch).mean()
+    after = np.abs(norm(restained).astype(int) - patch).mean()
+    assert after < before - 2.5 and after < floor + 0.8 * (before - floor), (floor, before, after)

@@ -8,6 +8,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    add_stain_options,
     count,
     damaged_lines,
     error_line,
@@ -67,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", action="store_true", help="COHORT is ROOT/<class>/<image> tiles")
     add_backend_option(p)
     add_slide_mpp_option(p)
+    add_stain_options(p)
     p.set_defaults(func=run)
 
 
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     split = parse_split(args.split) if args.split else None
+    if args.tiles and (args.stain_norm or args.stain_target):
+        raise ConfigError("--stain-norm works on slides, not --tiles folders")
     if args.tiles:
         build = build_tile_database(
             args.cohort[0],
@@ -108,6 +112,15 @@ def run(args: argparse.Namespace) -> int:
             sampler = RandomPatchSampler(args.size, args.mpp, args.min_tissue, replacement=False)
         else:
             sampler = GridPatchSampler(args.size, args.mpp, args.min_tissue, stride=args.grid)
+        from slidestream.data.stain import load_stain_target
+
+        stain = load_stain_target(
+            args.stain_norm,
+            args.stain_target,
+            mpp=args.mpp,
+            backend=args.backend,
+            save_to=args.out.parent,
+        )
         build = build_patch_databases(
             cohort,
             args.out,
@@ -119,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             compression=args.compression,
             backend=args.backend,
             mask_dir=args.out.parent / "masks",
+            stain=stain,
         )
         build.failures = cohort.problems + build.failures
     for failure in build.failures:

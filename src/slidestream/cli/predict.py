@@ -8,6 +8,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    add_stain_options,
     count,
     damaged_lines,
     error_line,
@@ -81,6 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_backend_option(p)
     add_slide_mpp_option(p)
+    add_stain_options(p)  # default: the training run's stain target, when it had one
     p.set_defaults(func=run)
 
 
@@ -103,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     stems = dict(zip(cohort.slides, output_stems([e.path for e in cohort]), strict=True))
     entries = cohort.slides[rank::world]
     kind = load_checkpoint(args.checkpoint)["kind"]
+    if kind != "patch" and (args.stain_norm or args.stain_target):
+        raise SlideStreamError(
+            f"--stain-norm applies to patch models; {args.checkpoint} is a {kind} checkpoint "
+            "(for MIL, normalise when computing features: features --stain-norm)"
+        )
     if kind == "streaming":
         predictor = StreamingPredictor(args.checkpoint, device=args.device)
         extra = {}
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             min_tissue=args.min_tissue,
+            stain=_stain_option(args),
         )
         extra = {"aggregate_by": args.aggregate, "topk": args.topk, "geojson": args.geojson}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +181,19 @@ def run(args: argparse.Namespace) -> int:
         total = len((args.out / "predictions.csv").read_text().splitlines()) - 1
         print(f"{count(total, 'slide')} predicted -> {args.out / 'predictions.csv'}")
     return 1 if failed else 0
+
+
+def _stain_option(args: argparse.Namespace) -> object:
+    """``--stain-norm/--stain-target`` (saved as OUT/stain.json), else the checkpoint's target."""
+    if not (args.stain_norm or args.stain_target):
+        return "checkpoint"
+    from slidestream.data.stain import load_stain_target
+    from slidestream.models.checkpoint import load_checkpoint
+
+    mpp = load_checkpoint(args.checkpoint).get("mpp")
+    return load_stain_target(
+        args.stain_norm, args.stain_target, mpp=mpp, backend=args.backend, save_to=args.out
+    )
 
 
 def _merge_ranks(out: Path, rank: int, world: int) -> None:

@@ -7,7 +7,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ def build_patch_databases(
     tissue: str = "otsu",
     mask_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    stain: Any = None,
 ) -> DatabaseBuild:
     """Write patches of every slide into per-split HDF5 files (split by patient, resumable).
 
@@ -80,6 +81,8 @@ def build_patch_databases(
     ``per_slide`` caps the patches per slide (required for endless random samplers).
     Slides are committed one by one, crash-safely (:mod:`slidestream.data.hdf5_writer`); a
     patch whose pixels cannot be decoded is left out and counted in ``DatabaseBuild.damaged``.
+    ``stain``: a :class:`~slidestream.data.stain.StainNormalizer` applied to every patch before
+    it is stored (its target goes into the database's ``params`` as ``stain``).
     """
     from tqdm import tqdm
 
@@ -96,8 +99,10 @@ def build_patch_databases(
         "compression": compression,
         "tissue": tissue,
     }
+    if stain is not None:
+        params["stain"] = {**asdict(stain.target), "tag": stain.target.tag}
     build = DatabaseBuild(files=split_paths(out, list(groups)))
-    args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir)
+    args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir, stain)
     bar = tqdm(total=len(cohort), desc="patches", unit="slide", disable=not progress)
     with contextlib.ExitStack() as stack:
         if len(groups) > 1:  # one writer of the whole set of split files at a time
@@ -171,6 +176,7 @@ def _slide_patches(
     backend: str,
     tissue: str,
     mask_dir: Any,
+    stain: Any,
     rng: np.random.Generator,
     damaged: Counter[str],
 ) -> Iterator[tuple[np.ndarray, int, int, int, float]]:
@@ -208,6 +214,8 @@ def _slide_patches(
             log.info("%s: patch at (%d, %d) left out: %s", entry.path, loc.x, loc.y, exc)
             continue
         count += 1
+        if stain is not None:
+            pixels = stain(pixels)
         yield (
             pixels,
             classes.index(name) if name in classes else -1,

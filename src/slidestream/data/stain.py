@@ -4,8 +4,8 @@ A :class:`StainTarget` holds what the target was reduced to (a 2x3 H&E stain mat
 99th-percentile stain concentrations for Macenko/Vahadane, Lab means and standard deviations for
 Reinhard), fitted from an image or from tissue of a named slide, saved as JSON in the run.
 :class:`StainNormalizer` maps one (H, W, 3) uint8 patch to it, uint8 out, deterministically;
-background (every channel's optical density below ``beta`` = 0.15) is returned unchanged, and a
-patch with fewer than 64 tissue pixels is returned as it is.
+background (CIE L* of 80 or more, or every channel's optical density below 0.15) is returned
+unchanged, and a patch with fewer than 64 stained pixels is returned as it is.
 
 - Macenko et al. 2009: stain vectors from the extreme angles (1st/99th percentile) of the optical
   densities projected on their two main eigenvectors; concentrations by least squares.
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("macenko", "reinhard", "vahadane")
 BETA = 0.15  # optical density below which a channel counts as unstained
+LUMINOSITY = 0.8  # L*/100 at or above which a pixel is background (glass)
 MIN_TISSUE_PX = 64
 _RUIFROK_HE = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])  # H, E rows (Ruifrok 2001)
 _LOG256 = float(np.log(256.0))
@@ -53,8 +54,13 @@ def _from_od(od: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
 
 
-def _tissue(od: np.ndarray) -> np.ndarray:
-    return od.max(axis=-1) > BETA
+def _tissue(rgb: np.ndarray, od: np.ndarray) -> np.ndarray:
+    """Stained pixels: CIE L* below 80 (so a colour cast on the glass stays background) and some
+    channel's optical density above ``BETA``."""
+    import cv2
+
+    lum = cv2.cvtColor(np.ascontiguousarray(rgb.reshape(-1, 1, 3)), cv2.COLOR_RGB2LAB)[:, 0, 0]
+    return (lum.reshape(rgb.shape[:-1]) < LUMINOSITY * 255) & (od.max(axis=-1) > BETA)
 
 
 def _order_he(m: np.ndarray) -> np.ndarray:
@@ -163,7 +169,7 @@ class StainTarget:
             raise ConfigError(f"--stain-norm must be one of {', '.join(METHODS)}, got {method!r}")
         px = np.asarray(rgb, np.uint8).reshape(-1, 3)
         od = optical_density(px)
-        tissue = _tissue(od)
+        tissue = _tissue(px, od)
         if tissue.sum() < MIN_TISSUE_PX:
             raise ConfigError(
                 f"stain target {source or 'image'} has {int(tissue.sum())} stained pixels; "
@@ -235,7 +241,7 @@ class StainNormalizer:
                 f"stain normalisation needs (H, W, 3) uint8, got {patch.dtype} {patch.shape}"
             )
         od = optical_density(patch)
-        tissue = _tissue(od)
+        tissue = _tissue(patch, od)
         if tissue.sum() < MIN_TISSUE_PX:
             return patch.copy()
         out = patch.copy()

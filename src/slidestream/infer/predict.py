@@ -100,8 +100,23 @@ def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.nda
     raise ConfigError(f"aggregate must be mean, majority or topk, got {method!r}")
 
 
+def _stain_of(ckpt: dict[str, Any], stain: Any) -> Any:
+    """The StainNormalize transform of ``stain`` (see :class:`PatchPredictor`), or None."""
+    from slidestream.data.stain import StainTarget
+    from slidestream.data.transforms import StainNormalize
+
+    if isinstance(stain, str) and stain == "checkpoint":
+        saved = ckpt.get("stain")
+        return StainNormalize(StainTarget.from_dict(saved)) if saved else None
+    return StainNormalize(stain.target) if stain is not None else None
+
+
 class PatchPredictor:
-    """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint)."""
+    """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint).
+
+    ``stain``: ``"checkpoint"`` (tiles stain-normalised to the training run's target when it
+    had one), None (never), or a :class:`~slidestream.data.stain.StainNormalizer`.
+    """
 
     def __init__(
         self,
@@ -111,6 +126,7 @@ class PatchPredictor:
         batch_size: int = 64,
         workers: int = 2,
         min_tissue: float = 0.25,
+        stain: Any = "checkpoint",
     ) -> None:
         ckpt = load_checkpoint(checkpoint)
         if ckpt["kind"] != "patch":
@@ -131,6 +147,7 @@ class PatchPredictor:
             ) from exc
         self.model.to(self.device).eval()
         self.batch_size, self.workers, self.min_tissue = batch_size, workers, min_tissue
+        self.stain = _stain_of(ckpt, stain)
 
     @torch.no_grad()
     def tile_probs(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> np.ndarray:
@@ -147,7 +164,8 @@ class PatchPredictor:
         for batch, ok in loader:
             probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
             if ok.any():
-                logits = self.model(normalize(batch[ok], device=self.device, **kw))
+                tiles = self.stain(batch[ok]) if self.stain is not None else batch[ok]
+                logits = self.model(normalize(tiles, device=self.device, **kw))
                 probs[ok.numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
             out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
