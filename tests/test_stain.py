@@ -269,3 +269,21 @@ def test_real_he_patch_restained_comes_back(shared_data, method):
     before = np.abs(restained.astype(int) - patch).mean()
     after = np.abs(norm(restained).astype(int) - patch).mean()
     assert after < before - 2.5 and after < floor + 0.8 * (before - floor), (floor, before, after)
+
+
+def test_feature_extractor_rebuilt_from_file_attrs_keeps_the_stain(tiny, tmp_path):
+    from slidestream.infer.features import FeatureExtractor
+
+    slide, target = tiny
+    kw = {"workers": 0, "device": "cpu", "dtype": "float32"}
+    ex = FeatureExtractor("mean_rgb", mpp=2.0, size=32, **kw)
+    ex.set_stain(load_stain_target("macenko", target, mpp=2.0))
+    again = FeatureExtractor.from_attrs(ex.attrs, **kw)
+    assert again.attrs == ex.attrs and again.stain.target == ex.stain.target
+    xy = np.array([[64, 64], [128, 96]])
+    from slidestream.io import open_slide
+
+    s = open_slide(slide)
+    np.testing.assert_array_equal(again.encode(s, xy), ex.encode(s, xy))
+    with pytest.raises(ConfigError, match="feature files"):
+        FeatureExtractor.from_attrs({**ex.attrs, "weights_hash": "0" * 12}, **kw)

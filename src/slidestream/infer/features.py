@@ -174,6 +174,32 @@ class FeatureExtractor:
         else:
             self.attrs.pop("stain_target", None)
 
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], **kwargs: Any) -> FeatureExtractor:
+        """The extractor that made a feature file with these ``attrs`` (encoder, weights, mpp,
+        size, min_tissue, stain target); ``kwargs`` (device, batch_size, ...) as in the
+        constructor. Raises ConfigError when the rebuilt encoder's weights hash differs."""
+        from slidestream.data.stain import StainNormalizer, StainTarget
+
+        weights = None if attrs.get("weights") in (None, "none") else attrs["weights"]
+        ex = cls(
+            attrs["encoder"],
+            weights=weights,
+            mpp=attrs.get("mpp") or None,
+            size=int(attrs["size"]),
+            min_tissue=float(attrs.get("min_tissue", 0.5)),
+            **kwargs,
+        )
+        if attrs.get("stain_target"):
+            ex.set_stain(StainNormalizer(StainTarget.from_dict(json.loads(attrs["stain_target"]))))
+        theirs = attrs.get("weights_hash")
+        if theirs and ex.attrs["weights_hash"] != theirs:
+            raise ConfigError(
+                f"the encoder {attrs['encoder']} here has weights {ex.attrs['weights_hash']}, "
+                f"the feature files {theirs}; pass --features DIR with the slides' feature files"
+            )
+        return ex
+
     @torch.no_grad()
     def encode(self, slide: Slide, xy: np.ndarray) -> np.ndarray:
         """(N, D) float32 features of the patches at ``xy`` (level-0 px) of ``slide``."""
