@@ -32,9 +32,7 @@ class PatchTrainConfig:
     class_weighting: str = "none"  # none | balanced (loss weights 1 / class frequency)
     balanced_sampling: bool = False  # draw patches (or slides, streamed) class-balanced
     augmentation: str = "light"  # light (flips/rot90, HED) | strong (+colour, blur, elastic) | none
-    stain_norm: str | None = (
-        None  # macenko | reinhard | vahadane: normalise patches to stain_target
-    )
+    stain_norm: str | None = None  # macenko | reinhard | vahadane, to stain_target
     stain_target: str | None = None  # image, slide or stain.json; saved as stain.json in the run
     workers: int = 2  # DataLoader processes
     seed: int = 0  # seeds model init, sampling and augmentation
