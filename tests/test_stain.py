@@ -212,6 +212,9 @@ def test_patches_train_patches_and_predict_carry_the_target(tiny, tmp_path, caps
     raw, got = plain[3]["image"], normed[3]["image"]
     expect = StainNormalizer(saved)(np.ascontiguousarray(raw.permute(1, 2, 0).numpy()))
     assert torch.equal(got, torch.from_numpy(expect).permute(2, 0, 1)) and not torch.equal(raw, got)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "norm" / "db.h5")]) == 1  # no mixing
+    assert "stain normalisation macenko:" in capsys.readouterr().err
 
     train = ["train-patches", "--data", str(tmp_path / "norm" / "db.h5"), "--model", "resnet18"]
     train += ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--workers", "0"]

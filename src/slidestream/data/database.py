@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections import Counter
@@ -102,6 +103,8 @@ def build_patch_databases(
     if stain is not None:
         params["stain"] = {**asdict(stain.target), "tag": stain.target.tag}
     build = DatabaseBuild(files=split_paths(out, list(groups)))
+    for path in build.files.values():
+        _same_stain(path, params.get("stain"))
     args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir, stain)
     bar = tqdm(total=len(cohort), desc="patches", unit="slide", disable=not progress)
     with contextlib.ExitStack() as stack:
@@ -120,6 +123,25 @@ def build_patch_databases(
     if build.empty and not build.skipped and not sum(build.patches.values()):
         raise no_patches_error(build.empty, sampler, failed=len(build.failures))
     return build
+
+
+def _same_stain(path: Path, stain: dict[str, Any] | None) -> None:
+    """Refuse to add patches to a database normalised to another stain target (or none)."""
+    import h5py
+
+    if not Path(path).is_file():
+        return
+    try:
+        with h5py.File(path, "r") as h5:
+            theirs = (json.loads(h5.attrs.get("params", "{}")).get("stain") or {}).get("tag")
+    except (OSError, ValueError):
+        return  # unreadable: the writer moves it aside and rebuilds
+    mine = (stain or {}).get("tag")
+    if theirs != mine:
+        raise ConfigError(
+            f"{path} holds patches with stain normalisation {theirs or 'none'}, not "
+            f"{mine or 'none'}; use another --out"
+        )
 
 
 def _write_group(
