@@ -107,3 +107,20 @@ def warning_line(command: str, message: str) -> None:
 def error_line(command: str, message: str) -> None:
     """One line on stderr, no traceback."""
     print(f"slidestream {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def add_stain_options(p: argparse.ArgumentParser) -> None:
+    """``--stain-norm`` and ``--stain-target`` (see :func:`slidestream.data.stain.load_stain_target`)."""
+    p.add_argument(
+        "--stain-norm",
+        choices=["macenko", "reinhard", "vahadane"],
+        default=None,
+        help="stain-normalise every patch to --stain-target",
+    )
+    p.add_argument(
+        "--stain-target",
+        default=None,
+        metavar="PATH",
+        help="image, slide (tissue at the patches' mpp) or stain.json to normalise to; "
+        "the fitted target is saved as stain.json with the output",
+    )

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from slidestream.cli._common import add_slide_options, error_line, positive_float
+from slidestream.cli._common import (
+    add_slide_options,
+    add_stain_options,
+    error_line,
+    positive_float,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +21,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "name, name@stage for a cut ResNet, timm/<name>, or mean_rgb), one "
         "DIR/<slide>.h5 per slide (<slide>-<path hash>.h5 where slides share "
         "a name; DIR/index.<i>of<n>.csv maps them) with features (N, D), "
-        "coords (N, 2) in level-0 px and the settings. Finished slides are skipped; "
+        "coords (N, 2) in level-0 px and the settings. Foundation models by name (uni, uni2-h, conch_v1_5, "
+        "virchow2, h-optimus-0, prov-gigapath, phikon-v2, ctranspath; --weights hf loads "
+        "them from the Hugging Face cache) bring their own patch size, mpp and normalisation. Finished slides are skipped; "
         "--shard i/n (or torchrun) splits the cohort without overlap.",
     )
     p.add_argument("cohort", help="slides, globs, folders, or a CSV/TSV with a 'slide' column")
     p.add_argument("--encoder", default="resnet50", help="encoder name (default: resnet50)")
-    p.add_argument("--weights", default=None, help="weights file, torchvision name or timm tag")
-    p.add_argument("--mpp", type=positive_float, default=0.5, help="µm/px of the patches (0.5)")
-    p.add_argument("--size", type=int, default=224, help="patch size in px (224)")
+    p.add_argument(
+        "--weights", default=None, help="weights file, torchvision name, timm tag, or hf"
+    )
+    p.add_argument(
+        "--mpp", type=positive_float, default=None, help="µm/px of the patches (the encoder's, 0.5)"
+    )
+    p.add_argument("--size", type=int, default=None, help="patch px (the encoder's input, 224)")
     p.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder of <stem>.h5 feature files"
     )
@@ -43,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, metavar="I/N", help="do every N-th slide from I")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     add_slide_options(p)
+    add_stain_options(p)
     p.set_defaults(func=run)
 
 
@@ -59,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     extractor = FeatureExtractor(
         args.encoder,
         weights=args.weights,
-        mpp=args.mpp,
+        mpp="encoder" if args.mpp is None else args.mpp,
         size=args.size,
         min_tissue=args.min_tissue,
         batch_size=args.batch_size,
@@ -67,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         backend=args.backend,
+    )
+    from slidestream.data.stain import load_stain_target
+
+    mpp = extractor.sampler.mpp
+    extractor.set_stain(
+        load_stain_target(
+            args.stain_norm, args.stain_target, mpp=mpp, backend=args.backend, save_to=args.out
+        )
     )
     bar = tqdm(total=len(cohort.slides[shard[0] :: shard[1]]), desc="features", unit="slide")
     report = extract_cohort(cohort, args.out, extractor, shard, lambda s, n: bar.update(1))

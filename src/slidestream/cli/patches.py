@@ -8,6 +8,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    add_stain_options,
     count,
     damaged_lines,
     error_line,
@@ -80,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_backend_option(p)
     add_slide_mpp_option(p)
+    add_stain_options(p)
     p.set_defaults(func=run)
 
 
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     split = parse_split(args.split) if args.split else None
+    if args.tiles and (args.stain_norm or args.stain_target):
+        raise ConfigError("--stain-norm works on slides, not --tiles folders")
     shard = parse_shard(args.shard)
     if args.tiles and (shard[1] > 1 or args.merge):
         raise ConfigError("--shard and --merge are for slides, not --tiles folders")
@@ -135,6 +139,15 @@ def run(args: argparse.Namespace) -> int:
             sampler = RandomPatchSampler(args.size, args.mpp, args.min_tissue, replacement=False)
         else:
             sampler = GridPatchSampler(args.size, args.mpp, args.min_tissue, stride=args.grid)
+        from slidestream.data.stain import load_stain_target
+
+        stain = load_stain_target(
+            args.stain_norm,
+            args.stain_target,
+            mpp=args.mpp,
+            backend=args.backend,
+            save_to=args.out.parent,
+        )
         build = build_patch_databases(
             cohort,
             args.out,
@@ -146,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             compression=args.compression,
             backend=args.backend,
             mask_dir=args.out.parent / "masks",
+            stain=stain,
             shard=shard,
         )
         build.failures = cohort.problems + build.failures

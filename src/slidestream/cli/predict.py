@@ -9,6 +9,7 @@ from pathlib import Path
 from slidestream.cli._common import (
     add_backend_option,
     add_slide_mpp_option,
+    add_stain_options,
     count,
     damaged_lines,
     error_line,
@@ -98,6 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-viewer", action="store_true", help="write no viewer page or pyramid")
     add_backend_option(p)
     add_slide_mpp_option(p)
+    add_stain_options(p)  # default: the training run's stain target, when it had one
     p.set_defaults(func=run)
 
 
@@ -105,12 +107,20 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from slidestream.colors import write_colors
+    from slidestream.errors import ConfigError
     from slidestream.infer.cohort import predict_cohort
     from slidestream.infer.engine import load_predictor
     from slidestream.infer.features import parse_shard
+    from slidestream.models.checkpoint import load_checkpoint
 
     shard = parse_shard(args.shard)
     cohort = load_slides("predict", args.slides)
+    kind = load_checkpoint(args.checkpoint)["kind"]
+    if kind != "patch" and (args.stain_norm or args.stain_target):
+        raise ConfigError(
+            f"--stain-norm applies to patch models; {args.checkpoint} is a {kind} checkpoint "
+            "(for MIL, normalise when computing features: features --stain-norm)"
+        )
     predictor = load_predictor(
         args.checkpoint,
         device=args.device,
@@ -118,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         min_tissue=args.min_tissue,
         features_dir=args.features,
+        stain=_stain_option(args),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     if shard[0] == 0:
@@ -159,3 +170,16 @@ def run(args: argparse.Namespace) -> int:
     elif shard[1] > 1:
         print(f"shard {shard[0]}/{shard[1]} done; the last shard to finish writes predictions.csv")
     return 1 if done.failed or cohort.problems else 0
+
+
+def _stain_option(args: argparse.Namespace) -> object:
+    """``--stain-norm/--stain-target`` (saved as OUT/stain.json), else the checkpoint's target."""
+    if not (args.stain_norm or args.stain_target):
+        return "checkpoint"
+    from slidestream.data.stain import load_stain_target
+    from slidestream.models.checkpoint import load_checkpoint
+
+    mpp = load_checkpoint(args.checkpoint).get("mpp")
+    return load_stain_target(
+        args.stain_norm, args.stain_target, mpp=mpp, backend=args.backend, save_to=args.out
+    )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def build_patch_databases(
     mask_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
+    stain: Any = None,
 ) -> DatabaseBuild:
     """Write patches of every slide into per-split HDF5 files (split by patient, resumable).
 
@@ -90,6 +92,8 @@ def build_patch_databases(
     With ``shard=(i, n)`` only the slides of shard ``i/n`` are done (splits, seeds and classes
     are those of the whole cohort) into ``DB.shard-i-of-n.h5`` (per split
     ``DB.shard-i-of-n.train.h5``, ...), for :func:`merge_shard_databases`.
+    ``stain``: a :class:`~slidestream.data.stain.StainNormalizer` applied to every patch before
+    it is stored (its target goes into the database's ``params`` as ``stain``).
     """
     from tqdm import tqdm
 
@@ -106,9 +110,13 @@ def build_patch_databases(
         "compression": compression,
         "tissue": tissue,
     }
+    if stain is not None:
+        params["stain"] = {**asdict(stain.target), "tag": stain.target.tag}
     out = shard_path(out, shard)
     build = DatabaseBuild(files=split_paths(out, list(groups)))
-    args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir)
+    for path in build.files.values():
+        _same_stain(path, params.get("stain"))
+    args = (sampler, classes, labels, per_slide, backend, tissue, mask_dir, stain)
     position = {s.path: k for k, s in enumerate(cohort.slides)}
     groups = {
         name: [e for e in entries if position[e.path] % shard[1] == shard[0]]
@@ -156,6 +164,25 @@ def merge_shard_databases(
         shards = shard_files(out, suffix)
         build.patches[name] = merge_patch_databases(shards, target, [str(e.path) for e in entries])
     return build
+
+
+def _same_stain(path: Path, stain: dict[str, Any] | None) -> None:
+    """Refuse to add patches to a database normalised to another stain target (or none)."""
+    import h5py
+
+    if not Path(path).is_file():
+        return
+    try:
+        with h5py.File(path, "r") as h5:
+            theirs = (json.loads(h5.attrs.get("params", "{}")).get("stain") or {}).get("tag")
+    except (OSError, ValueError):
+        return  # unreadable: the writer moves it aside and rebuilds
+    mine = (stain or {}).get("tag")
+    if theirs != mine:
+        raise ConfigError(
+            f"{path} holds patches with stain normalisation {theirs or 'none'}, not "
+            f"{mine or 'none'}; use another --out"
+        )
 
 
 def _write_group(
@@ -212,6 +239,7 @@ def _slide_patches(
     backend: str,
     tissue: str,
     mask_dir: Any,
+    stain: Any,
     rng: np.random.Generator,
     damaged: Counter[str],
 ) -> Iterator[tuple[np.ndarray, int, int, int, float]]:
@@ -249,6 +277,8 @@ def _slide_patches(
             log.info("%s: patch at (%d, %d) left out: %s", entry.path, loc.x, loc.y, exc)
             continue
         count += 1
+        if stain is not None:
+            pixels = stain(pixels)
         yield (
             pixels,
             classes.index(name) if name in classes else -1,

@@ -272,40 +272,30 @@ def _bicubic_rows(grid: torch.Tensor, rows: torch.Tensor, w: int) -> torch.Tenso
 
 
 class StainNormalize(v2.Transform):
-    """Stain normalisation to a target image with torchstain (``pip install torchstain``).
+    """Stain normalisation of (3, H, W) or (N, 3, H, W) uint8 tensors to a target, uint8 out.
 
-    ``method`` is ``"macenko"`` or ``"reinhard"``; ``target`` an (H, W, 3) uint8 RGB array.
+    ``target``: a fitted :class:`~slidestream.data.stain.StainTarget`, or an (H, W, 3) uint8
+    RGB array to fit ``method`` (``"macenko"``, ``"reinhard"`` or ``"vahadane"``) on. See
+    :mod:`slidestream.data.stain` (background pixels stay as they are).
     """
 
-    def __init__(self, target: np.ndarray, method: str = "macenko") -> None:
+    def __init__(self, target: Any, method: str = "macenko") -> None:
         super().__init__()
-        try:
-            import torchstain
-        except ImportError as exc:
-            raise ConfigError(
-                "stain normalisation needs torchstain: pip install torchstain "
-                "(or slidestream[stain])"
-            ) from exc
-        makers = {
-            "macenko": torchstain.normalizers.MacenkoNormalizer,
-            "reinhard": torchstain.normalizers.ReinhardNormalizer,
-        }
-        if method not in makers:
-            raise ConfigError(f"method must be one of {sorted(makers)}, got {method!r}")
-        self.method = method
-        self.normalizer = makers[method](backend="torch")
-        self.normalizer.fit(torch.from_numpy(np.ascontiguousarray(target)).permute(2, 0, 1) * 1.0)
+        from slidestream.data.stain import StainNormalizer, StainTarget
+
+        if not isinstance(target, StainTarget):
+            target = StainTarget.fit(method, np.asarray(target))
+        self.method = target.method
+        self.normalizer = StainNormalizer(target)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, torch.Tensor):
+        if not isinstance(inpt, torch.Tensor) or inpt.dtype != torch.uint8:
             return inpt
-        out = (
-            self.normalizer.normalize(inpt.float(), stains=False)
-            if self.method == "macenko"
-            else self.normalizer.normalize(inpt.float())
-        )
-        out = out[0] if isinstance(out, tuple) else out
-        return out.permute(2, 0, 1).clamp(0, 255).round().to(torch.uint8)
+        x = inpt.as_subclass(torch.Tensor).cpu()
+        flat = x.reshape(-1, *x.shape[-3:]).permute(0, 2, 3, 1).numpy()
+        out = np.stack([self.normalizer(np.ascontiguousarray(p)) for p in flat])
+        res = torch.from_numpy(out).permute(0, 3, 1, 2).reshape(x.shape).to(inpt.device)
+        return tv_tensors.wrap(res, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else res
 
 
 class MultiView:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import os
 import time
@@ -51,10 +52,13 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 class _Patches(Dataset):
-    """Grid patches of one slide as uint8 (3, H, W); each worker opens its own handle."""
+    """Grid patches of one slide as uint8 (3, H, W), stain-normalised when ``stain`` is given;
+    each worker opens its own handle."""
 
-    def __init__(self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray) -> None:
-        self.slide, self.sampler, self.xy = slide, sampler, xy
+    def __init__(
+        self, slide: Slide, sampler: GridPatchSampler, xy: np.ndarray, stain: Any = None
+    ) -> None:
+        self.slide, self.sampler, self.xy, self.stain = slide, sampler, xy, stain
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -62,6 +66,8 @@ class _Patches(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         x, y = (int(v) for v in self.xy[i])
         pixels = self.sampler.read(self.slide, PatchLocation(x, y, 1.0))
+        if self.stain is not None:
+            pixels = self.stain(pixels)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
@@ -85,10 +91,15 @@ class FeatureReport:
 class FeatureExtractor:
     """A frozen encoder ready to turn slides into feature files.
 
-    ``mpp`` µm/px (None: native pixels) and ``size`` px define the patches; ``min_tissue`` the
-    tissue fraction a patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features.
-    The encoder is built under seed 0, so a random-init encoder has the same weights (and
-    weights hash) in every run: resuming and prediction recompute the same features.
+    ``mpp`` µm/px (None: native pixels; ``"encoder"``: the encoder's own, 0.5 unless
+    :data:`~slidestream.models.encoders.ENCODERS` says otherwise) and ``size`` px (None: the
+    encoder's input size, else 224) define the patches; ``min_tissue`` the tissue fraction a
+    patch needs; ``dtype`` ``float16`` or ``float32`` for the stored features. Patches are
+    normalised with the encoder's mean/std (ImageNet unless its registry entry differs); the
+    settings, normalisation and output feature go into :attr:`attrs` (stain normalisation:
+    :meth:`set_stain`). The encoder is built
+    under seed 0, so a random-init encoder has the same weights (and weights hash) in every
+    run: resuming and prediction recompute the same features.
     """
 
     def __init__(
@@ -96,8 +107,8 @@ class FeatureExtractor:
         encoder: str,
         *,
         weights: str | None = None,
-        mpp: float | None = 0.5,
-        size: int = 224,
+        mpp: float | None | str = "encoder",
+        size: int | None = None,
         min_tissue: float = 0.5,
         batch_size: int = 64,
         workers: int = 2,
@@ -105,10 +116,20 @@ class FeatureExtractor:
         device: str = "auto",
         backend: str = "auto",
     ) -> None:
+        from slidestream.models.encoders import ENCODERS
+
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
         if batch_size < 1 or workers < 0:
             raise ConfigError("batch_size must be >= 1 and workers >= 0")
+        spec = ENCODERS.get(encoder)
+        if isinstance(mpp, str):
+            if mpp != "encoder":
+                raise ConfigError(f"mpp must be a number, None or 'encoder', got {mpp!r}")
+            mpp = spec.mpp if spec else 0.5
+        size = size or (spec.size if spec else 224)
+        self.mean = spec.mean if spec else IMAGENET_MEAN
+        self.std = spec.std if spec else IMAGENET_STD
         self.sampler = GridPatchSampler(size, mpp, min_tissue=min_tissue)
         self.device = resolve_device(device)
         with torch.random.fork_rng(devices=[]):  # random init is the same in every run
@@ -120,6 +141,7 @@ class FeatureExtractor:
             dtype,
             backend,
         )
+        self.stain: Any = None
         self.attrs: dict[str, Any] = {
             "encoder": encoder,
             "weights": str(weights) if weights else "none",
@@ -127,15 +149,56 @@ class FeatureExtractor:
             "mpp": float(mpp or 0.0),
             "size": size,
             "min_tissue": min_tissue,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "output": spec.output if spec else "pooled",
+            "stain": "none",
         }
+
+    def set_stain(self, stain: Any) -> None:
+        """Stain-normalise every patch with ``stain`` (a
+        :class:`~slidestream.data.stain.StainNormalizer`, or None for none); its ``method:hash``
+        goes into :attr:`attrs` as ``stain`` and the target as ``stain_target`` JSON."""
+        from dataclasses import asdict
+
+        self.stain = stain
+        self.attrs["stain"] = stain.target.tag if stain is not None else "none"
+        if stain is not None:
+            self.attrs["stain_target"] = json.dumps(asdict(stain.target))
+        else:
+            self.attrs.pop("stain_target", None)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], **kwargs: Any) -> FeatureExtractor:
+        """The extractor that made a feature file with these ``attrs`` (encoder, weights, mpp,
+        size, min_tissue, stain target); ``kwargs`` (device, batch_size, ...) as in the
+        constructor. Raises ConfigError when the rebuilt encoder's weights hash differs."""
+        from slidestream.data.stain import StainNormalizer, StainTarget
+
+        weights = None if attrs.get("weights") in (None, "none") else attrs["weights"]
+        ex = cls(
+            attrs["encoder"],
+            weights=weights,
+            mpp=attrs.get("mpp") or None,
+            size=int(attrs["size"]),
+            min_tissue=float(attrs.get("min_tissue", 0.5)),
+            **kwargs,
+        )
+        if attrs.get("stain_target"):
+            ex.set_stain(StainNormalizer(StainTarget.from_dict(json.loads(attrs["stain_target"]))))
+        theirs = attrs.get("weights_hash")
+        if theirs and ex.attrs["weights_hash"] != theirs:
+            raise ConfigError(
+                f"the encoder {attrs['encoder']} here has weights {ex.attrs['weights_hash']}, "
+                f"the feature files {theirs}; pass --features DIR with the slides' feature files"
+            )
+        return ex
 
     @torch.no_grad()
     def encode(self, slide: Slide, xy: np.ndarray) -> np.ndarray:
         """(N, D) float32 features of the patches at ``xy`` (level-0 px) of ``slide``."""
         cuda = self.device.type == "cuda"
         loader = DataLoader(
-            _Patches(slide, self.sampler, xy),
+            _Patches(slide, self.sampler, xy, self.stain),
             batch_size=self.batch_size,
             num_workers=self.workers,
             pin_memory=cuda,
@@ -146,7 +209,7 @@ class FeatureExtractor:
         out = []
         for batch in loader:
             with amp:
-                feats = self.model(normalize(batch, device=self.device))
+                feats = self.model(normalize(batch, self.mean, self.std, device=self.device))
             out.append(feats.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -155,9 +218,9 @@ class FeatureExtractor:
         if not path.is_file():
             return False
         _, _, attrs = read_header(path)
-        keys = ("encoder", "weights_hash", "mpp", "size")
-        if any(attrs.get(k) != self.attrs[k] for k in keys):
-            theirs = {k: attrs.get(k) for k in keys}
+        keys = ("encoder", "weights_hash", "mpp", "size", "stain")
+        theirs = {k: attrs.get(k, "none" if k == "stain" else None) for k in keys}
+        if any(theirs[k] != self.attrs[k] for k in keys):
             raise ConfigError(
                 f"{path} holds features made with {theirs}; use another --out for these settings"
             )

@@ -73,12 +73,27 @@ def aggregate(probs: np.ndarray, method: str = "mean", topk: int = 10) -> np.nda
     raise ConfigError(f"aggregate must be mean, majority or topk, got {method!r}")
 
 
+def _stain_of(ckpt: dict[str, Any], stain: Any) -> Any:
+    """The StainNormalize transform of ``stain`` (see :class:`PatchPredictor`), or None."""
+    from slidestream.data.stain import StainTarget
+    from slidestream.data.transforms import StainNormalize
+
+    if isinstance(stain, str) and stain == "checkpoint":
+        saved = ckpt.get("stain")
+        return StainNormalize(StainTarget.from_dict(saved)) if saved else None
+    return StainNormalize(stain.target) if stain is not None else None
+
+
 class PatchPredictor(Predictor):
     """A patch-classifier checkpoint ready to predict slides (settings come from the checkpoint:
     classes, mpp, patch size, normalisation). Outputs per slide: ``<stem>.tiles.csv`` (x, y,
     w, h level-0 px, tissue_fraction, p_<class>), ``.heatmap.npy`` (C, rows, cols) float32,
     ``.heatmap.png``, ``.geojson``, ``.viewer.html``. Tiles whose pixels cannot be decoded are
-    left out (NaN in the heatmap) and counted in ``damaged``."""
+    left out (NaN in the heatmap) and counted in ``damaged``.
+
+    ``stain``: ``"checkpoint"`` (tiles stain-normalised to the training run's target when it
+    had one), None (never), or a :class:`~slidestream.data.stain.StainNormalizer`.
+    """
 
     kind = "patch"
 
@@ -91,6 +106,7 @@ class PatchPredictor(Predictor):
         batch_size: int = 64,
         workers: int = 2,
         min_tissue: float = 0.25,
+        stain: Any = "checkpoint",
     ) -> None:
         super().__init__(checkpoint, state=state)
         ckpt = self.ckpt
@@ -103,6 +119,7 @@ class PatchPredictor(Predictor):
         what = f"{name} with {len(self.classes)} classes"
         self.model = self.fit_weights(model, what).to(self.device).eval()
         self.batch_size, self.workers, self.min_tissue = batch_size, workers, min_tissue
+        self.stain = _stain_of(ckpt, stain)
 
     def sampler(self) -> GridPatchSampler:
         return GridPatchSampler(self.size, self.mpp, min_tissue=self.min_tissue, cover_edges=True)
@@ -122,7 +139,8 @@ class PatchPredictor(Predictor):
         for batch, ok in loader:
             probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
             if ok.any():
-                logits = self.model(normalize(batch[ok], device=self.device, **kw))
+                tiles = self.stain(batch[ok]) if self.stain is not None else batch[ok]
+                logits = self.model(normalize(tiles, device=self.device, **kw))
                 probs[ok.numpy()] = torch.softmax(logits.float(), 1).cpu().numpy()
             out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)

@@ -23,6 +23,7 @@ or ``mean_rgb`` (per-channel mean and standard deviation, D = 6: a cheap test en
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 AGGREGATORS = ("abmil", "mean", "max", "transmil")
+
+logger = logging.getLogger(__name__)
 
 
 class GatedAttention(nn.Module):
@@ -213,16 +216,38 @@ class MeanRGB(nn.Module):
         return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
 
+def _pretrained_hint(name: str, named: dict) -> str:
+    if name in named:
+        return "hf (its Hugging Face cache)"
+    if name.startswith("timm/"):
+        return "pretrained (timm's hub cache)"
+    return "DEFAULT (torchvision's ImageNet weights)"
+
+
 def create_encoder(name: str, weights: str | os.PathLike[str] | None = None) -> nn.Module:
     """A frozen patch encoder in eval mode: (B, 3, H, W) normalised float → (B, D) features.
 
     ``name``: ``mean_rgb``; a torchvision classifier (head replaced by identity);
     ``resnet18@layer2`` (a ResNet trunk cut after a stage, then global average pooling);
-    ``timm/<name>`` (needs timm; ``num_classes=0``). ``weights`` as in
+    ``timm/<name>`` (needs timm; ``num_classes=0``); a foundation model of
+    :data:`~slidestream.models.encoders.ENCODERS` (``uni``, ``virchow2``, ...; ``weights="hf"``
+    loads it from the Hugging Face cache). ``weights`` as in
     :func:`~slidestream.models.weights.load_weights` (file, torchvision name, hub cache).
+    A learned encoder without ``weights`` logs a warning naming it: its features are random.
     """
+    from slidestream.models.encoders import ENCODERS, build_named_encoder
+
+    if weights is None and name != "mean_rgb":
+        logger.warning(
+            "encoder %s has random weights (no weights given): features will not be "
+            "meaningful; compute them with features --weights %s or a weights file",
+            name,
+            _pretrained_hint(name, ENCODERS),
+        )
     if name == "mean_rgb":
         model: nn.Module = MeanRGB()
+    elif name in ENCODERS:
+        model = build_named_encoder(name, weights)
     elif "@" in name:
         from slidestream.models.backbones import split_model
 

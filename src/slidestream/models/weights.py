@@ -23,7 +23,7 @@ from torch import nn
 
 from slidestream.errors import ConfigError
 
-__all__ = ["WeightsReport", "load_weights", "read_state_dict"]
+__all__ = ["WeightsReport", "fit_state_dict", "load_weights", "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ def _under(key: str, prefixes: Sequence[str]) -> bool:
 
 
 def read_state_dict(source: str | os.PathLike[str], arch: str | None = None) -> dict:
-    """The state dict of ``source``: a file, a torchvision weights name for torchvision model
+    """The state dict of ``source``: a file (``.safetensors`` or ``torch.save``), a torchvision weights name for torchvision model
     ``arch``, or ``timm/<name>`` (needs timm). Raises ConfigError naming the source and the fix."""
     text = str(source)
+    if Path(text).is_file() and text.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return {k.removeprefix("module."): v for k, v in load_file(text).items()}
+        except Exception as exc:
+            raise ConfigError(f"cannot read weights file {text}: {exc}") from exc
     if Path(text).is_file():
         try:
             state = torch.load(text, map_location="cpu", weights_only=True)
@@ -120,7 +127,14 @@ def load_weights(
         ConfigError: the source cannot be read, lacks keys the model needs outside ``drop``,
             or holds a tensor whose shape differs from the model's.
     """
-    state = read_state_dict(source, arch)
+    return fit_state_dict(model, read_state_dict(source, arch), str(source), drop=drop)
+
+
+def fit_state_dict(
+    model: nn.Module, state: dict, source: str, *, drop: Sequence[str] = ()
+) -> WeightsReport:
+    """Load the already-read ``state`` into ``model`` as :func:`load_weights` does; ``source``
+    names it in messages. Raises ConfigError for missing keys or shapes that differ."""
     report = WeightsReport(str(source))
     report.dropped = [k for k in state if _under(k, drop)]
     state = {k: v for k, v in state.items() if not _under(k, drop)}

@@ -34,6 +34,8 @@ class PatchTrainConfig:
     class_weighting: str = "none"  # none | balanced (loss weights 1 / class frequency)
     balanced_sampling: bool = False  # draw patches (or slides, streamed) class-balanced
     augmentation: str = "light"  # light (flips/rot90, HED) | strong (+colour, blur, elastic) | none
+    stain_norm: str | None = None  # macenko | reinhard | vahadane, to stain_target
+    stain_target: str | None = None  # image, slide or stain.json; saved as stain.json in the run
     workers: int = 2  # DataLoader processes
     seed: int = 0  # seeds model init, sampling and augmentation
     out: str = "runs"  # folder holding run folders
@@ -50,6 +52,7 @@ class PatchTrainConfig:
             "optimizer": ("adamw", "sgd"),
             "class_weighting": ("none", "balanced"),
             "augmentation": ("light", "strong", "none"),
+            "stain_norm": (None, "macenko", "reinhard", "vahadane"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:

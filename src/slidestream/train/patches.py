@@ -47,21 +47,40 @@ class _Data:
     size: int
     mpp: float | None
     streamed: bool
+    stain: dict[str, Any] | None = None  # the stain target the patches are normalised to
 
 
 def _is_db(path: str) -> bool:
     return Path(path).suffix.lower() in (".h5", ".hdf5")
 
 
+def _stain(cfg: PatchTrainConfig, aug: Any) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(train transform, val transform, stain target dict) with ``cfg.stain_norm`` first."""
+    from dataclasses import asdict
+
+    from torchvision.transforms import v2
+
+    from slidestream.data.stain import load_stain_target
+    from slidestream.data.transforms import StainNormalize
+
+    mpp = PatchDatabase(cfg.data).params.get("mpp") if _is_db(cfg.data) else cfg.mpp
+    norm = load_stain_target(cfg.stain_norm, cfg.stain_target, mpp=mpp)
+    if norm is None:
+        return aug, None, None
+    first = StainNormalize(norm.target)
+    return v2.Compose([first, aug]) if aug else first, first, asdict(norm.target)
+
+
 def _load_data(cfg: PatchTrainConfig) -> _Data:
     aug = None if cfg.augmentation == "none" else default_augmentation(cfg.augmentation)
+    aug, val_tf, stain = _stain(cfg, aug)
     val_path = cfg.val_data
     if _is_db(cfg.data):
         train = PatchDatabase(cfg.data, transform=aug)
         if val_path is None and ".train." in Path(cfg.data).name:
             sibling = Path(cfg.data).with_name(Path(cfg.data).name.replace(".train.", ".val."))
             val_path = str(sibling) if sibling.exists() else None
-        val = PatchDatabase(val_path) if val_path else None
+        val = PatchDatabase(val_path, transform=val_tf) if val_path else None
         if val is not None and val.classes != train.classes:
             raise ConfigError(f"{val_path} has classes {val.classes}, {cfg.data} {train.classes}")
         if not train.classes:
@@ -76,9 +95,12 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
                 f"none)"
             )
         counts = [train.class_counts.get(c, 0) for c in train.classes]
+        stored = dict(train.params.get("stain") or {})  # normalised when the database was built
+        stored.pop("tag", None)
         return _Data(
-            train, val, train.classes, counts, train.patch_size, train.params.get("mpp"), False
-        )
+            train, val, train.classes, counts, train.patch_size, train.params.get("mpp"), False,
+            stain or stored or None,
+        )  # fmt: skip
     cohort = load_cohort(cfg.data)
     sampler = RandomPatchSampler(cfg.size, cfg.mpp)
     balance = "balanced" if cfg.balanced_sampling else None
@@ -93,12 +115,13 @@ def _load_data(cfg: PatchTrainConfig) -> _Data:
             RandomPatchSampler(cfg.size, cfg.mpp, replacement=False),
             patches_per_slide=64,
             seed=cfg.seed + 1,
+            transform=val_tf,
         )
         val.classes = train.classes
     if not train.classes:
         raise ConfigError(f"{cfg.data} has no label column values to train on")
     counts = [sum(s.label == c for s in cohort) for c in train.classes]
-    return _Data(train, val, train.classes, counts, cfg.size, cfg.mpp, True)
+    return _Data(train, val, train.classes, counts, cfg.size, cfg.mpp, True, stain)
 
 
 def _loaders(
@@ -238,6 +261,7 @@ class PatchTask(Task):
             "mpp": self.data.mpp,
             "patch_size": self.data.size,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            "stain": self.data.stain,  # predict normalises tiles to this target too
             # a database carries its own patch size and mpp; the config's are for streams
             "config": {**config_dict(self.cfg), "size": self.data.size, "mpp": self.data.mpp},
         }
@@ -283,4 +307,9 @@ def train_patches(
     run = run_dir(cfg, "patches")
     task = PatchTask(cfg)
     task._run_name = run.name
-    return fit(task, settings_of(cfg, run), on_epoch)
+    done = fit(task, settings_of(cfg, run), on_epoch)
+    if task.data.stain is not None:  # also in the checkpoints, for predict
+        from slidestream.data.stain import StainTarget
+
+        StainTarget.from_dict(task.data.stain).to_json(Path(done) / "stain.json")
+    return done
