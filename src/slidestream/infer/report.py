@@ -42,6 +42,13 @@ def _copy(src: Path, dst_dir: Path) -> str:
     return "img/" + quote(name)
 
 
+def _copy_viewer(page: Path, dst_dir: Path) -> str:
+    """Copy a viewer page with its tile pyramid into ``dst_dir``; its relative URL, quoted."""
+    from slidestream.infer.viewer import copy_viewer
+
+    return "img/" + quote(copy_viewer(page, dst_dir, f"{path_hash(page)}-{page.name}").name)
+
+
 def _img(src: Path, dst_dir: Path, alt: str) -> str:
     url = _copy(src, dst_dir)
     return f'<img src="{html.escape(url)}" alt="{html.escape(alt)}">'
@@ -263,7 +270,7 @@ def _slides_section(
             for f, suffix in zip(found, (".qc.png", ".heatmap.png"), strict=True)
         ]
         links = " ".join(
-            f'<a href="{html.escape(_copy(v, img))}">viewer ({html.escape(folder)})</a>'
+            f'<a href="{html.escape(_copy_viewer(v, img))}">viewer ({html.escape(folder)})</a>'
             for folder, v in viewers.get(slide, [])
         )
         parts.append(
