@@ -18,7 +18,7 @@ from slidestream.sampling.cohort import _COLUMNS
 SRC = Path(__file__).resolve().parents[1] / "src" / "slidestream"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 TOKEN = re.compile(
-    r"(?P<flag>(?<![\w-])--[a-z][a-z0-9-]+)|\b(?P<program>slidestream|vips)\s+(?P<word>[a-z][a-z-]*)"
+    r"(?P<flag>(?<![\w-])--[a-z][a-z0-9-]+)|\b(?P<program>slidestream|vips|huggingface-cli)\s+(?P<word>[a-z][a-z-]*)"
     r"|(?P<end>[.;]\s|\))"
 )
 COLUMN = re.compile(r"\b(?:an?|the)\s+'?([a-z_]+)'?\s+column\b")
@@ -40,6 +40,15 @@ PRINTED_BY = {
     "infer/mil.py": ("predict",),
     "infer/predict.py": ("predict",),
     "infer/saliency.py": ("predict",),
+    "data/features.py": ("features",),
+    "data/hdf5_merge.py": ("patches",),
+    "data/stain.py": ("patches", "features", "predict"),
+    "infer/cohort.py": ("predict",),
+    "infer/engine.py": ("predict",),
+    "infer/writer.py": ("predict",),
+    "models/encoders.py": ("features",),
+    "models/mil.py": ("features",),
+    "sampling/shards.py": ("tissue", "patches", "prepare", "features", "predict"),
     "demo.py": ("demo",),
 }
 
@@ -73,7 +82,7 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 
 def _mentions(text: str, printers: tuple[str, ...]) -> list[tuple[str, str | None]]:
     """(flag, command or None for another program's flag) for each flag in ``text``: a flag
-    after "slidestream CMD" (or "vips ...") in the same clause is that program's, any other
+    after "slidestream CMD" (or "vips ...", "huggingface-cli ...") in the same clause is that program's, any other
     flag is each printer's. A clause ends at ". ", "; " or ")"."""
     commands = _flags_of_commands()
     owners: tuple[str | None, ...] = printers
@@ -82,7 +91,7 @@ def _mentions(text: str, printers: tuple[str, ...]) -> list[tuple[str, str | Non
         flag, program, word = m.group("flag"), m.group("program"), m.group("word")
         if flag:
             out += [(flag, owner) for owner in owners]
-        elif program == "vips":
+        elif program in ("vips", "huggingface-cli"):
             owners = (None,)
         elif program:
             owners = (word,) if word in commands else owners

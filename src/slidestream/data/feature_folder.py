@@ -40,6 +40,12 @@ def source_of(attrs: dict[str, Any]) -> Path | None:
     return Path(str(value)).resolve() if value else None
 
 
+def _relative_source(attrs: dict[str, Any] | None, folder: Path) -> Path | None:
+    """The slide a file's ``source_rel`` names, seen from ``folder`` now (None: not recorded)."""
+    rel = (attrs or {}).get("source_rel")
+    return (folder / str(rel)).resolve() if rel else None
+
+
 def _read_attrs(path: Path) -> dict[str, Any] | None:
     import h5py
 
@@ -98,8 +104,8 @@ class FeatureFolder:
             source = source_of(attrs) if attrs is not None else None
             if attrs is None and name == stem:
                 return path, ""  # unreadable: reading it names the damage
-            if source == here:
-                return path, ""
+            if source == here or _relative_source(attrs, self.folder) == here:
+                return path, ""  # its slide, or the same layout copied or moved with it
             if source is not None and source.name == slide.name and not source.exists():
                 moved.append((_shared_tail(source, here), path, source))
         moved.sort(key=lambda m: -m[0])

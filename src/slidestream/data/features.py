@@ -62,7 +62,7 @@ def write_features(
     """Write one slide's feature file atomically (temporary file, then rename).
 
     ``features`` (N, D), ``coords`` (N, 2) level-0 px; ``attrs`` as in the module doc (``source``
-    is added from ``slide``). An empty slide (N = 0) is written with a ``reason`` attribute.
+    is added from ``slide``, and ``source_rel``: its path relative to the file's folder). An empty slide (N = 0) is written with a ``reason`` attribute.
 
     Raises:
         ConfigError: rows and coords differ in number, or a feature row is NaN/Inf (naming
@@ -84,6 +84,9 @@ def write_features(
     attrs = dict(attrs)
     if attrs.get("slide") and "source" not in attrs:
         attrs["source"] = str(Path(attrs["slide"]).resolve())
+    if attrs.get("source") and "://" not in str(attrs["source"]):
+        # the slide seen from the feature folder: still found when both move or are copied
+        attrs.setdefault("source_rel", os.path.relpath(attrs["source"], path.parent.resolve()))
     if not len(features):
         attrs.setdefault("reason", "no patches")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -189,7 +189,8 @@ class FeatureExtractor:
         if theirs and ex.attrs["weights_hash"] != theirs:
             raise ConfigError(
                 f"the encoder {attrs['encoder']} here has weights {ex.attrs['weights_hash']}, "
-                f"the feature files {theirs}; pass --features DIR with the slides' feature files"
+                f"the feature files {theirs}; pass slidestream predict --features DIR with the slides' "
+                "feature files"
             )
         return ex
 

@@ -230,11 +230,12 @@ def _weights_file(name: str, spec: EncoderSpec, weights: str | os.PathLike[str])
     if found is None:
         dataset = spec.repo_type == "dataset"
         url = f"https://huggingface.co/{'datasets/' if dataset else ''}{spec.repo}"
-        flag = " --repo-type dataset" if dataset else ""
+        plain = "huggingface-cli download"
+        download = "huggingface-cli download --repo-type dataset" if dataset else plain
         raise ConfigError(
             f"encoder {name}: {spec.files[0]} of {spec.repo} is not in the Hugging Face cache "
             f"{hf_cache_dir()}; accept the licence at {url}, run `huggingface-cli login`, then "
-            f"`huggingface-cli download{flag} {spec.repo} {spec.files[0]}` (or pass --weights FILE)"
+            f"`{download} {spec.repo} {spec.files[0]}` (or pass --weights FILE)"
         )
     return found
 

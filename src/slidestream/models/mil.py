@@ -240,7 +240,7 @@ def create_encoder(name: str, weights: str | os.PathLike[str] | None = None) -> 
     if weights is None and name != "mean_rgb":
         logger.warning(
             "encoder %s has random weights (no weights given): features will not be "
-            "meaningful; compute them with features --weights %s or a weights file",
+            "meaningful; compute them with slidestream features --weights %s or a weights file",
             name,
             _pretrained_hint(name, ENCODERS),
         )
