@@ -115,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
     shard = parse_shard(args.shard)
     cohort = load_slides("predict", args.slides)
-    kind = load_checkpoint(args.checkpoint)["kind"]
-    if kind != "patch" and (args.stain_norm or args.stain_target):
+    stain = args.stain_norm or args.stain_target
+    kind = load_checkpoint(args.checkpoint)["kind"] if stain else "patch"  # read once otherwise
+    if kind != "patch":
         raise ConfigError(
             f"--stain-norm applies to patch models; {args.checkpoint} is a {kind} checkpoint "
             "(for MIL, normalise when computing features: features --stain-norm)"
